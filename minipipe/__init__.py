@@ -1,0 +1,4 @@
+"""minipipe: pipeline-parallel training you can read, run and measure."""
+from .schedules import (Action, B, F, Kind, Schedule, W, gpipe, interleaved, make_schedule,
+                        naive, one_f_one_b, parse_actions, zb_h1)
+from .validate import ScheduleError, dry_run, validate

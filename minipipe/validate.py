@@ -1,0 +1,242 @@
+"""Check a schedule before any process starts: completeness, order, messages, deadlock.
+
+The runtime moves data with point-to-point messages: after an action a rank posts its sends
+without waiting for them (they are waited for at the end of the step), and before an action
+it waits for the receives that action needs. Messages between two ranks arrive in the order
+they were sent. :func:`dry_run` plays exactly that protocol without processes, so a schedule
+that passes :func:`validate` cannot hang the runtime.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .schedules import Action, Kind, Schedule
+
+__all__ = ["ScheduleError", "Message", "Step", "comm_plan", "dry_run", "validate", "format_orders"]
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run: names the rank, the action and the reason.
+
+    Attributes:
+        rank: the rank at fault (or ``None``).
+        action: the action at fault (or ``None``).
+        reason: the plain-words reason, without the schedule drawing.
+    """
+
+    def __init__(self, reason: str, schedule: Schedule | None = None,
+                 rank: int | None = None, action: Action | None = None,
+                 marks: dict[int, int] | None = None) -> None:
+        self.reason, self.rank, self.action, self.schedule = reason, rank, action, schedule
+        text = reason
+        if schedule is not None:
+            text += "\n" + format_orders(schedule, marks or {})
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point message: the activation (forward) or its gradient (backward).
+
+    ``stage`` is the pipeline stage that produces it; ``src`` and ``dst`` are ranks.
+    """
+
+    kind: str  # "activation" or "gradient"
+    mb: int
+    stage: int
+    src: int
+    dst: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} of micro-batch {self.mb} (stage {self.stage}) {self.src}→{self.dst}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a rank does around one action: receive, compute, then queue its sends."""
+
+    recvs: tuple[Message, ...]
+    action: Action
+    sends: tuple[Message, ...]
+
+
+def _messages(schedule: Schedule, rank: int, a: Action) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+    """(receives needed before, sends produced after) action ``a`` on ``rank``."""
+    p, last = schedule.p, schedule.num_stages - 1
+    s = schedule.stage(rank, a.chunk)
+    recvs: list[Message] = []
+    sends: list[Message] = []
+    if a.kind is Kind.F:
+        if s > 0 and (s - 1) % p != rank:
+            recvs.append(Message("activation", a.mb, s - 1, (s - 1) % p, rank))
+        if s < last and (s + 1) % p != rank:
+            sends.append(Message("activation", a.mb, s, rank, (s + 1) % p))
+    elif a.kind is Kind.B:
+        if s < last and (s + 1) % p != rank:
+            recvs.append(Message("gradient", a.mb, s + 1, (s + 1) % p, rank))
+        if s > 0 and (s - 1) % p != rank:
+            sends.append(Message("gradient", a.mb, s, rank, (s - 1) % p))
+    return tuple(recvs), tuple(sends)
+
+
+def comm_plan(schedule: Schedule) -> list[list[Step]]:
+    """Per rank, each action with the messages it receives before and sends after it."""
+    return [[Step(*_pair(schedule, r, a)) for a in order] for r, order in enumerate(schedule.ranks)]
+
+
+def _pair(schedule: Schedule, rank: int, a: Action) -> tuple:
+    recvs, sends = _messages(schedule, rank, a)
+    return recvs, a, sends
+
+
+def format_orders(schedule: Schedule, marks: dict[int, int] | None = None) -> str:
+    """Each rank's order on one line; ``marks[rank] = index`` brackets that action."""
+    marks = marks or {}
+    show = schedule.v > 1
+    lines = []
+    for r, order in enumerate(schedule.ranks):
+        cells = [f"[{a.label(show)}]" if marks.get(r) == k else a.label(show) for k, a in enumerate(order)]
+        if marks.get(r) == len(order):
+            cells.append("[end]")
+        lines.append(f"  rank {r}: " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _check_complete(schedule: Schedule, m: int, v: int) -> None:
+    kinds = [Kind.F, Kind.B] + ([Kind.W] if schedule.split_backward else [])
+    for r, order in enumerate(schedule.ranks):
+        seen: dict[Action, int] = {}
+        for k, a in enumerate(order):
+            if a.mb >= m or a.chunk >= v:
+                raise ScheduleError(
+                    f"rank {r} runs {a.describe()}, but the schedule has micro-batches 0..{m - 1}"
+                    f" and chunks 0..{v - 1}", schedule, r, a, {r: k})
+            if a in seen:
+                raise ScheduleError(
+                    f"rank {r} runs {a.describe()} twice (positions {seen[a]} and {k})",
+                    schedule, r, a, {r: k})
+            seen[a] = k
+        for c in range(v):
+            for i in range(m):
+                for kind in kinds:
+                    a = Action(kind, i, c)
+                    if a not in seen:
+                        raise ScheduleError(f"rank {r} never runs {a.describe()}", schedule, r, a)
+        for a, k in seen.items():
+            before = {Kind.B: Kind.F, Kind.W: Kind.B}.get(a.kind)
+            if before is not None:
+                need = Action(before, a.mb, a.chunk)
+                if seen[need] > k:
+                    raise ScheduleError(
+                        f"rank {r} runs {a.describe()} before its {before.value}",
+                        schedule, r, a, {r: k})
+
+
+def _check_local_deps(schedule: Schedule) -> None:
+    """Dependencies between two chunks on the same rank (only when ``p == 1``)."""
+    last = schedule.num_stages - 1
+    for r, order in enumerate(schedule.ranks):
+        pos = {a: k for k, a in enumerate(order)}
+        for a, k in pos.items():
+            s = schedule.stage(r, a.chunk)
+            dep = None
+            if a.kind is Kind.F and s > 0 and (s - 1) % schedule.p == r:
+                dep = Action(Kind.F, a.mb, (s - 1) // schedule.p)
+            if a.kind is Kind.B and s < last and (s + 1) % schedule.p == r:
+                dep = Action(Kind.B, a.mb, (s + 1) // schedule.p)
+            if dep is not None and pos[dep] > k:
+                raise ScheduleError(
+                    f"rank {r} runs {a.describe()} before {dep.describe()}, which it needs",
+                    schedule, r, a, {r: k})
+
+
+def _check_fifo(schedule: Schedule, plan: list[list[Step]]) -> None:
+    sent: dict[tuple[int, int], list[tuple[Message, int]]] = defaultdict(list)
+    received: dict[tuple[int, int], list[tuple[Message, int]]] = defaultdict(list)
+    for r, steps in enumerate(plan):
+        for k, step in enumerate(steps):
+            for msg in step.sends:
+                sent[msg.src, msg.dst].append((msg, k))
+            for msg in step.recvs:
+                received[msg.src, msg.dst].append((msg, k))
+    for (src, dst), recvs in received.items():
+        sends = sent.get((src, dst), [])
+        for (want, k_dst), (got, k_src) in zip(recvs, sends):
+            if want != got:
+                a = schedule.ranks[dst][k_dst]
+                raise ScheduleError(
+                    f"rank {dst} runs {a.describe()} and waits for the {want.kind} of micro-batch "
+                    f"{want.mb} from rank {src}, but rank {src} sends the {got.kind} of micro-batch "
+                    f"{got.mb} to it first (after its {schedule.ranks[src][k_src]}); messages "
+                    f"between two ranks arrive in the order they are sent",
+                    schedule, dst, a, {dst: k_dst, src: k_src})
+
+
+def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
+    """Play the runtime's message protocol without processes.
+
+    Returns:
+        Per rank, ``(tick, action)`` pairs: in each tick every rank whose next action has
+        all its messages available runs it. Useful as a timestep × rank grid.
+
+    Raises:
+        ScheduleError: the ranks deadlock; names each stuck rank and what it waits for.
+    """
+    plan = comm_plan(schedule)
+    p = schedule.p
+    pos = [0] * p
+    posted: set[Message] = set()  # sends never block: posted once the producing action ran
+    ran: list[list[tuple[int, Action]]] = [[] for _ in range(p)]
+    tick = 0
+    while any(pos[r] < len(plan[r]) for r in range(p)):
+        runnable = [r for r in range(p)
+                    if pos[r] < len(plan[r]) and posted.issuperset(plan[r][pos[r]].recvs)]
+        if not runnable:
+            stuck = [r for r in range(p) if pos[r] < len(plan[r])]
+            waits = []
+            for r in stuck:
+                step = plan[r][pos[r]]
+                what = "; ".join(f"the {m.kind} of micro-batch {m.mb} from rank {m.src}"
+                                 for m in step.recvs if m not in posted)
+                waits.append(f"rank {r} waits at {step.action.label(schedule.v > 1)} for {what}")
+            first = stuck[0]
+            raise ScheduleError(
+                "deadlock: every unfinished rank waits for a message no rank will send yet.\n  "
+                + "\n  ".join(waits),
+                schedule, first, plan[first][pos[first]].action, {r: pos[r] for r in stuck})
+        for r in runnable:  # one tick: each runnable rank runs one action, then sends
+            step = plan[r][pos[r]]
+            ran[r].append((tick, step.action))
+            posted.update(step.sends)
+            pos[r] += 1
+        tick += 1
+    return ran
+
+
+def validate(schedule: Schedule, m: int | None = None, v: int | None = None) -> Schedule:
+    """Check that ``schedule`` can run, and return it.
+
+    Every (chunk, micro-batch) has exactly one F and one B (and W, if any) per rank, in
+    dependency order; messages between each pair of ranks are received in the order they are
+    sent; and the dry run of the message protocol finishes without deadlock.
+
+    Args:
+        schedule: the schedule to check. m, v: expected micro-batches and chunks per rank
+            (default: the schedule's own ``m`` and ``v``).
+
+    Raises:
+        ScheduleError: the first problem found, naming the rank, the action and the reason.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
+    m = schedule.m if m is None else m
+    v = schedule.v if v is None else v
+    if m < 1 or not any(schedule.ranks):
+        raise ScheduleError("the schedule has no actions", schedule)
+    _check_complete(schedule, m, v)
+    _check_local_deps(schedule)
+    _check_fifo(schedule, comm_plan(schedule))
+    dry_run(schedule)
+    return schedule
