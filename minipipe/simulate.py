@@ -1,0 +1,427 @@
+"""Play a schedule on a model of the machine and measure it: events, step time, bubbles, memory.
+
+The simulator turns a :class:`~minipipe.schedules.Schedule` into a :class:`Timeline` of timed
+events, one per action. The runtime builds the same :class:`Timeline` from what it measures on
+real ranks (``source="measured"``), and every figure (step time, both bubbles, peak in-flight
+micro-batches) is computed from the events alone, so predicted and measured timelines are read
+the same way.
+
+Cost convention (used by :func:`simulate` and :mod:`minipipe.formulas`):
+
+- ``t_f``: forward of one micro-batch on one stage.
+- ``t_b``: the input-gradient part of the backward of one micro-batch on one stage.
+- ``t_w``: the weight-gradient part (default 0: not split out).
+
+A schedule without ``W`` actions runs the whole backward as one ``B`` costing ``t_b + t_w``; a
+split-backward (zero-bubble) schedule runs ``B`` costing ``t_b`` and ``W`` costing ``t_w``. So
+``t_f=1, t_b=2`` means "backward is twice the forward", and ``t_f = t_b = t_w = 1`` is the
+zero-bubble paper's setting (whole backward ``2 t_f``).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, Union
+
+from .schedules import Action, Kind, Schedule
+from .validate import ScheduleError, comm_plan, validate
+
+__all__ = ["Event", "Timeline", "simulate", "Cost"]
+
+Cost = Union[float, Sequence[float]]  #: one number for every stage, or one per pipeline stage
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One action run on one rank, from ``start`` to ``end`` (any time unit, e.g. seconds)."""
+
+    rank: int
+    action: Action
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        """``end - start``."""
+        return self.end - self.start
+
+
+@dataclass
+class Timeline:
+    """Timed events of one optimizer step, simulated or measured, and the figures read off them.
+
+    Every figure is computed from ``events`` and ``schedule`` only, so a timeline the runtime
+    measured (``source="measured"``) is read exactly like a simulated one.
+
+    Attributes:
+        schedule: the schedule that was run.
+        events: one :class:`Event` per action, any order.
+        source: ``"simulated"`` or ``"measured"`` (shown in plots and summaries).
+    """
+
+    schedule: Schedule
+    events: list[Event]
+    source: str = "simulated"
+
+    # ------------------------------------------------------------------ time and bubbles
+
+    @property
+    def p(self) -> int:
+        """Number of ranks."""
+        return self.schedule.p
+
+    @property
+    def start(self) -> float:
+        """Earliest event start (0 for a simulated timeline)."""
+        return min((e.start for e in self.events), default=0.0)
+
+    @property
+    def step_time(self) -> float:
+        """Wall time of the step: last end minus first start, over all ranks."""
+        if not self.events:
+            return 0.0
+        return max(e.end for e in self.events) - self.start
+
+    def busy_per_rank(self) -> list[float]:
+        """Time each rank spends computing (sum of its event durations)."""
+        busy = [0.0] * self.p
+        for e in self.events:
+            busy[e.rank] += e.end - e.start
+        return busy
+
+    def busy(self, rank: int) -> float:
+        """Time ``rank`` spends computing."""
+        return sum(e.end - e.start for e in self.events if e.rank == rank)
+
+    def idle(self, rank: int) -> float:
+        """Time ``rank`` waits during the step: ``step_time - busy(rank)``."""
+        return self.step_time - self.busy(rank)
+
+    def idle_per_rank(self) -> list[float]:
+        """``step_time - busy`` for every rank."""
+        step = self.step_time
+        return [step - b for b in self.busy_per_rank()]
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Share of the step the ranks wait: total idle / (p · step_time).
+
+        What a stopwatch measures; ``(p − 1)/(m + p − 1)`` for GPipe and 1F1B on equal stages.
+        """
+        step = self.step_time
+        return sum(self.idle_per_rank()) / (self.p * step) if step > 0 else 0.0
+
+    @property
+    def bubble_fraction_per_rank(self) -> list[float]:
+        """Idle / step_time, rank by rank."""
+        step = self.step_time
+        return [i / step if step > 0 else 0.0 for i in self.idle_per_rank()]
+
+    @property
+    def bubble_overhead(self) -> float:
+        """Idle time relative to useful work: total idle / total busy (can exceed 1).
+
+        Megatron-LM's "bubble time fraction"; ``(p − 1)/m`` for GPipe and 1F1B on equal stages.
+        """
+        busy = sum(self.busy_per_rank())
+        return sum(self.idle_per_rank()) / busy if busy > 0 else 0.0
+
+    @property
+    def bubble_overhead_per_rank(self) -> list[float]:
+        """Idle / busy, rank by rank (``inf`` for a rank that never computes)."""
+        step = self.step_time
+        return [(step - b) / b if b > 0 else float("inf") for b in self.busy_per_rank()]
+
+    # ------------------------------------------------------------------ memory and messages
+
+    def rank_events(self, rank: int) -> list[Event]:
+        """``rank``'s events in start order."""
+        return sorted((e for e in self.events if e.rank == rank), key=lambda e: (e.start, e.end))
+
+    def _by_rank(self) -> list[list[Event]]:
+        out: list[list[Event]] = [[] for _ in range(self.p)]
+        for e in self.events:
+            out[e.rank].append(e)
+        for evs in out:
+            evs.sort(key=lambda e: (e.start, e.end))
+        return out
+
+    def _peak(self, release: Kind) -> list[int]:
+        """Per rank, the most (chunk, micro-batch) with F run and the ``release`` action not yet."""
+        peaks = []
+        for evs in self._by_rank():
+            held = peak = 0
+            for e in evs:
+                kind = e.action.kind
+                if kind is Kind.F:
+                    held += 1
+                    peak = max(peak, held)
+                elif kind is release:
+                    held -= 1
+            peaks.append(peak)
+        return peaks
+
+    @property
+    def peak_inflight(self) -> list[int]:
+        """Per rank, the most (chunk, micro-batch) whose F has run and whose B has not finished.
+
+        Activations a rank must keep for its backward: ``m`` per rank for GPipe,
+        ``min(p − r, m)`` on rank ``r`` for 1F1B.
+        """
+        return self._peak(Kind.B)
+
+    @property
+    def peak_pending_w(self) -> list[int]:
+        """Per rank, the most (chunk, micro-batch) whose F has run and whose W has not.
+
+        The memory figure for split-backward schedules (the weight gradient still needs the
+        stage's input); equals :attr:`peak_inflight` when the schedule has no W actions.
+        """
+        return self._peak(Kind.W if self.schedule.split_backward else Kind.B)
+
+    @property
+    def messages(self) -> int:
+        """Point-to-point messages per step (activations forward, gradients backward)."""
+        return sum(len(step.sends) for steps in comm_plan(self.schedule) for step in steps)
+
+    # ------------------------------------------------------------------ reports
+
+    def summary(self) -> dict[str, Any]:
+        """The timeline's figures as a dict (for a table, a notebook checkpoint or JSON)."""
+        s = self.schedule
+        return {
+            "schedule": s.name,
+            "source": self.source,
+            "p": s.p,
+            "m": s.m,
+            "v": s.v,
+            "step_time": self.step_time,
+            "busy": self.busy_per_rank(),
+            "bubble_fraction": self.bubble_fraction,
+            "bubble_overhead": self.bubble_overhead,
+            "bubble_fraction_per_rank": self.bubble_fraction_per_rank,
+            "peak_inflight": self.peak_inflight,
+            "peak_pending_w": self.peak_pending_w,
+            "messages": self.messages,
+        }
+
+    def title(self) -> str:
+        """One line: name, sizes, step time and both bubbles (used by plots and ``str``)."""
+        s = self.schedule
+        return (f"{s.name} p={s.p} m={s.m} v={s.v} ({self.source}): step {self.step_time:.4g}, "
+                f"bubble {self.bubble_fraction:.1%} of step, {self.bubble_overhead:.1%} of work")
+
+    def __str__(self) -> str:
+        from .plot import text_timeline  # plot imports matplotlib lazily; text needs none
+
+        return self.title() + "\n" + text_timeline(self)
+
+    def to_chrome_trace(self, scale: float = 1e6) -> list[dict[str, Any]]:
+        """Events in the Chrome / Perfetto trace format (complete events, ``"ph": "X"``).
+
+        Save with ``json.dump({"traceEvents": tl.to_chrome_trace()}, f)`` and open the file in
+        https://ui.perfetto.dev or ``chrome://tracing``: one row (``tid``) per rank.
+
+        Args:
+            scale: microseconds per timeline time unit (default 1e6: event times in seconds).
+        """
+        show = self.schedule.v > 1
+        t0 = self.start
+        return [
+            {
+                "name": e.action.label(show),
+                "cat": e.action.kind.value,
+                "ph": "X",
+                "ts": (e.start - t0) * scale,
+                "dur": (e.end - e.start) * scale,
+                "pid": 0,
+                "tid": e.rank,
+                "args": {"mb": e.action.mb, "chunk": e.action.chunk,
+                         "stage": self.schedule.stage(e.rank, e.action.chunk)},
+            }
+            for e in self.events
+        ]
+
+
+# ---------------------------------------------------------------------------- the simulator
+
+
+class _Invalid(Exception):
+    """Raised by the fast checks; :func:`simulate` then asks :func:`validate` for the reason."""
+
+
+def _per_stage(name: str, cost: Cost | None, stages: int) -> list[float]:
+    if cost is None:
+        return [0.0] * stages
+    if isinstance(cost, (int, float)):
+        values = [float(cost)] * stages
+    else:
+        values = [float(c) for c in cost]
+        if len(values) != stages:
+            raise ValueError(f"{name} has {len(values)} values: give one number, or one per "
+                             f"pipeline stage (p·v = {stages})")
+    if any(c < 0 for c in values):
+        raise ValueError(f"{name} must be >= 0, got {cost}")
+    return values
+
+
+def simulate(
+    schedule: Schedule,
+    t_f: Cost = 1.0,
+    t_b: Cost = 2.0,
+    t_w: Cost | None = None,
+    comm: float = 0.0,
+) -> Timeline:
+    """Run ``schedule`` on a model machine: each rank starts each action as early as it can.
+
+    Costs follow the module's convention: ``t_b`` is the input-gradient part of the backward,
+    ``t_w`` the weight-gradient part (``None`` or 0: not split out). A schedule without W
+    actions runs ``B`` for ``t_b + t_w``; a split-backward schedule runs ``B`` for ``t_b`` and
+    ``W`` for ``t_w``. Each cost is one number or a list with one number per pipeline stage
+    (index ``schedule.stage(rank, chunk)``, length ``p·v``), e.g. to slow down one stage.
+
+    Each rank runs its actions in its order, one at a time. ``F`` of stage ``s`` waits for
+    ``F`` of stage ``s − 1``, ``B`` of stage ``s`` for ``B`` of stage ``s + 1`` (and its own
+    ``F``), ``W`` for its ``B``; a dependency on another rank adds ``comm``. Time is
+    O(number of actions): p=64, m=1024, v=4 takes about a second in CPython.
+
+    Args:
+        schedule: the schedule to play.
+        t_f: forward time per micro-batch per stage.
+        t_b: input-gradient backward time (the whole backward for an unsplit schedule when
+            ``t_w`` is 0).
+        t_w: weight-gradient time; ``None`` means 0.
+        comm: latency of one point-to-point message between two ranks.
+
+    Returns:
+        A :class:`Timeline` with ``source="simulated"`` whose first action starts at 0.
+
+    Raises:
+        ScheduleError: the schedule cannot run (the reason :func:`~minipipe.validate.validate`
+            gives: a missing or repeated action, an order that deadlocks, ...).
+        ValueError: a cost list of the wrong length, or a negative cost.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
+    stages = schedule.num_stages
+    tf = _per_stage("t_f", t_f, stages)
+    tb = _per_stage("t_b", t_b, stages)
+    tw = _per_stage("t_w", t_w, stages)
+    if comm < 0:
+        raise ValueError(f"comm must be >= 0, got {comm}")
+    split = schedule.split_backward
+    if not split:
+        tb = [b + w for b, w in zip(tb, tw)]
+    try:
+        was_enabled = gc.isenabled()
+        gc.disable()  # building ~10^5 events triggers many useless collections
+        try:
+            events = _play(schedule, split, tf, tb, tw, float(comm))
+        finally:
+            if was_enabled:
+                gc.enable()
+    except _Invalid as err:
+        validate(schedule)  # raises the full ScheduleError with the schedule drawn
+        raise ScheduleError(str(err), schedule) from None  # a problem validate() does not see
+    return Timeline(schedule, events, source="simulated")
+
+
+def _play(schedule: Schedule, split: bool, tf: list[float], tb: list[float], tw: list[float],
+          comm: float) -> list[Event]:
+    """The event loop. Raises ``_Invalid`` on any problem; times are per-stage lists."""
+    p, m, v = schedule.p, schedule.m, schedule.v
+    stages = p * v
+    ms = m * stages  # keys: F(s, i) = s·m + i, B(s, i) = ms + s·m + i, W(s, i) = 2·ms + s·m + i
+    kinds = 3 if split else 2
+    last = stages - 1
+    pos = [-1] * (kinds * ms)  # index of each action in its rank's order
+    fifo: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # (src, dst): sent, received
+    plans = []
+    for r, order in enumerate(schedule.ranks):
+        if len(order) != kinds * m * v:
+            raise _Invalid(f"rank {r} has {len(order)} actions, expected {kinds * m * v}")
+        # per kind and chunk: key base, dependency base (-1: none), comm, duration, and the
+        # lists of messages received before / sent after the action (None: no message)
+        rows: tuple[list, list, list] = ([], [], [])
+        for c in range(v):
+            s = c * p + r
+            prev, nxt = (s - 1) % p, (s + 1) % p
+            f_in = fifo.setdefault((prev, r), ([], []))[1] if s > 0 and prev != r else None
+            f_out = fifo.setdefault((r, nxt), ([], []))[0] if s < last and nxt != r else None
+            b_in = fifo.setdefault((nxt, r), ([], []))[1] if f_out is not None else None
+            b_out = fifo.setdefault((r, prev), ([], []))[0] if f_in is not None else None
+            rows[0].append((s * m, (s - 1) * m if s > 0 else -1, comm if f_in is not None else 0.0,
+                            tf[s], f_in, f_out))
+            rows[1].append((ms + s * m, ms + (s + 1) * m if s < last else -1,
+                            comm if b_in is not None else 0.0, tb[s], b_in, b_out))
+            rows[2].append((2 * ms + s * m, -1, 0.0, tw[s], None, None))
+        rows_f, rows_b, rows_w = rows
+        keys, deps, lags, durs = [], [], [], []
+        for k, a in enumerate(order):
+            kind, c, mb = a.kind, a.chunk, a.mb
+            if mb >= m or c >= v or (kind is Kind.W and not split):
+                raise _Invalid(f"rank {r} runs {a.describe()}, outside the schedule")
+            base, dep, lag, dur, recvd, sent = (
+                rows_f if kind is Kind.F else rows_b if kind is Kind.B else rows_w)[c]
+            key = base + mb
+            if pos[key] >= 0:
+                raise _Invalid(f"rank {r} runs {a.describe()} twice")
+            pos[key] = k
+            keys.append(key)
+            if dep >= 0:
+                dep += mb
+                if recvd is not None:  # the dependency's output arrives as a message
+                    recvd.append(dep)
+            deps.append(dep)
+            lags.append(lag)
+            durs.append(dur)
+            if sent is not None:
+                sent.append(key)
+        plans.append((keys, deps, lags, durs))
+    # on each rank F before B before W (W's own B is its only dependency, and it is local)
+    if any(f >= b for f, b in zip(pos[:ms], pos[ms:2 * ms])) or (
+            kinds == 3 and any(b >= w for b, w in zip(pos[ms:2 * ms], pos[2 * ms:]))):
+        raise _Invalid("an action runs before the action it needs on the same rank")
+    if any(sent != received for sent, received in fifo.values()):
+        raise _Invalid("messages between two ranks are received in another order than sent")
+
+    finish = [-1.0] * (kinds * ms)  # end time of every action, -1: not run yet
+    starts = [[0.0] * len(order) for order in schedule.ranks]
+    ends = [[0.0] * len(order) for order in schedule.ranks]
+    free = [0.0] * p  # when each rank is next idle
+    at = [0] * p  # next action of each rank
+    waiting: dict[int, int] = {}  # key of a missing dependency -> the rank that waits for it
+    ready = list(range(p - 1, -1, -1))
+    while ready:
+        r = ready.pop()
+        keys, deps, lags, durs = plans[r]
+        st, en = starts[r], ends[r]
+        k, n, t = at[r], len(keys), free[r]
+        while k < n:
+            d = deps[k]
+            if d >= 0:
+                done = finish[d]
+                if done < 0:  # blocked: wait until the dependency runs
+                    waiting[d] = r
+                    break
+                done += lags[k]
+                if done > t:
+                    t = done
+            st[k] = t
+            t += durs[k]
+            en[k] = t
+            key = keys[k]
+            finish[key] = t
+            if key in waiting:
+                ready.append(waiting.pop(key))
+            k += 1
+        at[r], free[r] = k, t
+    if any(at[r] < len(plans[r][0]) for r in range(p)):
+        raise _Invalid("deadlock: some rank waits for an action that never runs")
+    events: list[Event] = []
+    for r, order in enumerate(schedule.ranks):
+        events.extend(map(Event, repeat(r), order, starts[r], ends[r]))
+    return events
