@@ -23,7 +23,8 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import add, attrgetter, ge
 from typing import Any, Union
 
 from .schedules import Action, Kind, Schedule
@@ -329,6 +330,9 @@ def simulate(
     return Timeline(schedule, events, source="simulated")
 
 
+_NONE = -(1 << 62)  # "no dependency": stays negative after adding a micro-batch index
+
+
 def _play(schedule: Schedule, split: bool, tf: list[float], tb: list[float], tw: list[float],
           comm: float) -> list[Event]:
     """The event loop. Raises ``_Invalid`` on any problem; times are per-stage lists."""
@@ -337,53 +341,53 @@ def _play(schedule: Schedule, split: bool, tf: list[float], tb: list[float], tw:
     ms = m * stages  # keys: F(s, i) = s·m + i, B(s, i) = ms + s·m + i, W(s, i) = 2·ms + s·m + i
     kinds = 3 if split else 2
     last = stages - 1
-    pos = [-1] * (kinds * ms)  # index of each action in its rank's order
-    fifo: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # (src, dst): sent, received
+    offset = {id(Kind.F): 0, id(Kind.B): v, id(Kind.W): 2 * v}  # row = offset[kind] + chunk
+    pos: dict[int, int] = {}  # index of each action in its rank's order
+    fifo: dict[tuple[int, int], list[list[int]]] = {}  # (src, dst): [sent, received] messages
     plans = []
     for r, order in enumerate(schedule.ranks):
         if len(order) != kinds * m * v:
             raise _Invalid(f"rank {r} has {len(order)} actions, expected {kinds * m * v}")
-        # per kind and chunk: key base, dependency base (-1: none), comm, duration, and the
-        # lists of messages received before / sent after the action (None: no message)
-        rows: tuple[list, list, list] = ([], [], [])
-        for c in range(v):
-            s = c * p + r
-            prev, nxt = (s - 1) % p, (s + 1) % p
-            f_in = fifo.setdefault((prev, r), ([], []))[1] if s > 0 and prev != r else None
-            f_out = fifo.setdefault((r, nxt), ([], []))[0] if s < last and nxt != r else None
-            b_in = fifo.setdefault((nxt, r), ([], []))[1] if f_out is not None else None
-            b_out = fifo.setdefault((r, prev), ([], []))[0] if f_in is not None else None
-            rows[0].append((s * m, (s - 1) * m if s > 0 else -1, comm if f_in is not None else 0.0,
-                            tf[s], f_in, f_out))
-            rows[1].append((ms + s * m, ms + (s + 1) * m if s < last else -1,
-                            comm if b_in is not None else 0.0, tb[s], b_in, b_out))
-            rows[2].append((2 * ms + s * m, -1, 0.0, tw[s], None, None))
-        rows_f, rows_b, rows_w = rows
-        keys, deps, lags, durs = [], [], [], []
-        for k, a in enumerate(order):
-            kind, c, mb = a.kind, a.chunk, a.mb
-            if mb >= m or c >= v or (kind is Kind.W and not split):
-                raise _Invalid(f"rank {r} runs {a.describe()}, outside the schedule")
-            base, dep, lag, dur, recvd, sent = (
-                rows_f if kind is Kind.F else rows_b if kind is Kind.B else rows_w)[c]
-            key = base + mb
-            if pos[key] >= 0:
-                raise _Invalid(f"rank {r} runs {a.describe()} twice")
-            pos[key] = k
-            keys.append(key)
-            if dep >= 0:
-                dep += mb
-                if recvd is not None:  # the dependency's output arrives as a message
-                    recvd.append(dep)
-            deps.append(dep)
-            lags.append(lag)
-            durs.append(dur)
-            if sent is not None:
-                sent.append(key)
-        plans.append((keys, deps, lags, durs))
+        # one row per (kind, chunk): key base, dependency base, comm, duration, message peers
+        base, dep, lag, dur, src, dst = [], [], [], [], [], []
+        for kind in range(3):
+            for c in range(v):
+                s = c * p + r
+                prev = (s - 1) % p if s > 0 and (s - 1) % p != r else -1
+                nxt = (s + 1) % p if s < last and (s + 1) % p != r else -1
+                base.append(kind * ms + s * m)
+                if kind == 0:  # F needs F of the stage before, received from `prev`
+                    dep.append((s - 1) * m if s > 0 else _NONE)
+                    src.append(prev), dst.append(nxt), dur.append(tf[s])
+                elif kind == 1:  # B needs B of the stage after, received from `nxt`
+                    dep.append(ms + (s + 1) * m if s < last else _NONE)
+                    src.append(nxt), dst.append(prev), dur.append(tb[s])
+                else:  # W needs only its own B, earlier on this rank
+                    dep.append(_NONE), src.append(-1), dst.append(-1), dur.append(tw[s])
+                lag.append(comm if src[-1] >= 0 else 0.0)
+        chunks = list(map(attrgetter("chunk"), order))
+        mbs = list(map(attrgetter("mb"), order))
+        if max(chunks) >= v or max(mbs) >= m:
+            raise _Invalid(f"rank {r} runs a micro-batch or chunk outside the schedule")
+        rows = list(map(add, map(offset.__getitem__, map(id, map(attrgetter("kind"), order))),
+                        chunks))
+        keys = list(map(add, map(base.__getitem__, rows), mbs))
+        deps = list(map(add, map(dep.__getitem__, rows), mbs))
+        before = len(pos)
+        pos.update(zip(keys, range(len(keys))))
+        if len(pos) - before != len(keys):
+            raise _Invalid(f"rank {r} runs an action twice")
+        for peer in (set(src) | set(dst)) - {-1}:
+            fifo.setdefault((peer, r), [[], []])[1] = list(
+                compress(deps, map([q == peer for q in src].__getitem__, rows)))
+            fifo.setdefault((r, peer), [[], []])[0] = list(
+                compress(keys, map([q == peer for q in dst].__getitem__, rows)))
+        plans.append((keys, deps, list(map(lag.__getitem__, rows)),
+                      list(map(dur.__getitem__, rows))))
     # on each rank F before B before W (W's own B is its only dependency, and it is local)
-    if any(f >= b for f, b in zip(pos[:ms], pos[ms:2 * ms])) or (
-            kinds == 3 and any(b >= w for b, w in zip(pos[ms:2 * ms], pos[2 * ms:]))):
+    at = list(map(pos.__getitem__, range(kinds * ms)))
+    if any(map(ge, at[:ms], at[ms:2 * ms])) or (
+            kinds == 3 and any(map(ge, at[ms:2 * ms], at[2 * ms:]))):
         raise _Invalid("an action runs before the action it needs on the same rank")
     if any(sent != received for sent, received in fifo.values()):
         raise _Invalid("messages between two ranks are received in another order than sent")
