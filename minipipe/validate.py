@@ -166,10 +166,14 @@ def _check_fifo(schedule: Schedule, plan: list[list[Step]]) -> None:
         for (want, k_dst), (got, k_src) in zip(recvs, sends):
             if want != got:
                 a = schedule.ranks[dst][k_dst]
+                show = schedule.v > 1  # with chunks, kind and micro-batch do not name a message
+                want_at = f" (stage {want.stage})" if show else ""
+                got_at = f" (stage {got.stage})" if show else ""
                 raise ScheduleError(
                     f"rank {dst} runs {a.describe()} and waits for the {want.kind} of micro-batch "
-                    f"{want.mb} from rank {src}, but rank {src} sends the {got.kind} of micro-batch "
-                    f"{got.mb} to it first (after its {schedule.ranks[src][k_src]}); messages "
+                    f"{want.mb}{want_at} from rank {src}, but rank {src} sends the {got.kind} "
+                    f"of micro-batch {got.mb}{got_at} to it first (after its "
+                    f"{schedule.ranks[src][k_src].label(show)}); messages "
                     f"between two ranks arrive in the order they are sent",
                     schedule, dst, a, {dst: k_dst, src: k_src})
 

@@ -1,0 +1,156 @@
+"""Closed forms for step time, bubbles, memory and messages of the schedules in ``schedules``.
+
+Basis of every formula: ``p`` equal stages on ``p`` equal ranks, ``m`` micro-batches, no
+communication time, and the cost convention of :mod:`minipipe.simulate`: ``t_f`` forward,
+``t_b`` input-gradient backward, ``t_w`` weight-gradient backward (0: not split out), all per
+micro-batch for a rank's whole share of the model. An unsplit backward costs ``t_b + t_w``.
+
+For ``interleaved`` the costs are still per rank: each of the ``v`` chunks costs ``t_f/v``,
+``t_b/v``, ``t_w/v`` (the model is cut into ``p·v`` equal stages). Simulate it with
+``simulate(schedule, t_f / v, t_b / v, t_w / v)`` to compare.
+
+The tests check each formula against :func:`~minipipe.simulate.simulate`; where the two
+differ (ZB-H1 with ``m < p`` or ``t_w > min(t_f, t_b)``), the docstring says so.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "activation_memory_ratio_interleaved", "bubble_fraction", "bubble_overhead", "ideal_time",
+    "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
+]
+
+_NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1"}
+
+
+def _name(schedule_name: str) -> str:
+    key = schedule_name.lower().replace("_", "-")
+    key = {"zbh1": "zb-h1", "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
+    if key not in _NAMES:
+        raise ValueError(f"unknown schedule {schedule_name!r}; choose one of {sorted(_NAMES)}")
+    return key
+
+
+def ideal_time(m: int, t_f: float, t_b: float, t_w: float = 0) -> float:
+    """Useful work of one rank per step, the step time with no bubble.
+
+    ``m·(t_f + t_b + t_w)``
+    """
+    return m * (t_f + t_b + t_w)
+
+
+def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: float = 0,
+              v: int = 1) -> float:
+    """Step time of a schedule on equal stages, without communication.
+
+    - ``naive``: ``m·p·(t_f + t_b + t_w)``: each micro-batch goes all the way through the
+      pipeline and back before the next starts.
+    - ``gpipe``, ``1f1b``: ``(m + p − 1)(t_f + t_b + t_w)``, for every ``m``.
+    - ``interleaved``: ``(m + (p − 1)/v)(t_f + t_b + t_w)``, costs per rank (a chunk costs
+      ``t/v``); needs ``m % p == 0``.
+    - ``zb-h1``: ``m(t_f + t_b + t_w) + (p − 1)(t_f + t_b − t_w)`` for ``m >= p``, i.e.
+      ``(m + p − 1)(t_f + t_b) + (m − p + 1)·t_w``; for ``m < p`` the last W cannot hide and
+      it is ``(m + p − 1)(t_f + t_b) + t_w``. Exact when ``t_w <= min(t_f, t_b)`` (each
+      deferred W fits in a gap the length of an F or a B); for a larger ``t_w`` the order,
+      built for equal costs, loses time and the simulator is slower than this.
+
+    Args:
+        schedule_name: ``naive``, ``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``.
+        p: ranks. m: micro-batches. v: chunks per rank (``interleaved``).
+        t_f, t_b, t_w: per micro-batch and rank, see the module docstring.
+
+    Example:
+        >>> step_time("1f1b", p=4, m=16, t_f=1, t_b=2)
+        57
+    """
+    name = _name(schedule_name)
+    work = t_f + t_b + t_w
+    if name == "naive":
+        return m * p * work
+    if name in ("gpipe", "1f1b"):
+        return (m + p - 1) * work
+    if name == "interleaved":
+        return (m + (p - 1) / v) * work
+    return (m + p - 1) * (t_f + t_b) + max(1, m - p + 1) * t_w  # zb-h1
+
+
+def utilization(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: float = 0,
+                v: int = 1) -> float:
+    """Share of the step the ranks compute: ``ideal_time / step_time``; ``1/p`` for naive.
+
+    ``1 − utilization`` is the bubble fraction of any of the schedules.
+    """
+    return ideal_time(m, t_f, t_b, t_w) / step_time(schedule_name, p, m, t_f, t_b, t_w, v)
+
+
+def bubble_fraction(p: int, m: int, v: int = 1) -> float:
+    """Bubble as a share of the step (what a stopwatch measures): idle / (p · step time).
+
+    ``(p − 1) / (v·m + p − 1)`` for GPipe, 1F1B (``v = 1``) and interleaved 1F1B, whatever
+    the ratio ``t_b / t_f``. 4 stages, 16 micro-batches: 3/19 ≈ 15.8%.
+    """
+    return (p - 1) / (v * m + p - 1)
+
+
+def bubble_overhead(p: int, m: int, v: int = 1) -> float:
+    """Bubble relative to useful work (Megatron-LM's "bubble time fraction"): idle / busy.
+
+    ``(p − 1) / (v·m)`` for GPipe, 1F1B (``v = 1``) and interleaved 1F1B; can exceed 1.
+    4 stages, 16 micro-batches: 3/16 = 18.75%.
+    """
+    return (p - 1) / (v * m)
+
+
+def peak_inflight(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
+    """Per rank, the most (chunk, micro-batch) whose F has run and whose B has not finished.
+
+    - ``naive``: 1 everywhere. ``gpipe``: ``m`` everywhere.
+    - ``1f1b`` and ``zb-h1``: ``min(p − r, m)`` on rank ``r``.
+    - ``interleaved``: ``min(w_r + 1, v·m)`` chunk-micro-batches with Megatron-LM's warm-up
+      ``w_r = 2(p − r − 1) + (v − 1)p`` (all ``v·m`` forwards first when ``m == p``). Each
+      is a chunk, ``1/v`` of the rank's layers.
+
+    For ``zb-h1`` see also :func:`peak_pending_w`.
+    """
+    name = _name(schedule_name)
+    if name == "naive":
+        return [1] * p
+    if name == "gpipe":
+        return [m] * p
+    if name in ("1f1b", "zb-h1"):
+        return [min(p - r, m) for r in range(p)]
+    total = v * m
+    warmup = [total if m == p and v > 1 else min(2 * (p - r - 1) + (v - 1) * p, total)
+              for r in range(p)]
+    return [min(w + 1, total) for w in warmup]
+
+
+def peak_pending_w(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
+    """Per rank, the most (chunk, micro-batch) whose F has run and whose W has not yet.
+
+    The activation memory of a split-backward schedule (W needs the stage input):
+    ``min(p, m)`` on every rank for ``zb-h1``, 1F1B's first-stage peak; for the schedules
+    without W this is :func:`peak_inflight`.
+    """
+    if _name(schedule_name) == "zb-h1":
+        return [min(p, m)] * p
+    return peak_inflight(schedule_name, p, m, v)
+
+
+def activation_memory_ratio_interleaved(p: int, v: int) -> float:
+    """First rank's activation memory, interleaved over 1F1B, when ``m`` is large enough.
+
+    ``1 + (p − 1)/(p·v)``: rank 0 holds ``(v − 1)p + 2(p − 1) + 1`` chunk-micro-batches of
+    ``1/v`` of its layers, against 1F1B's ``p`` micro-batches of all of them.
+    """
+    return 1 + (p - 1) / (p * v)
+
+
+def messages(p: int, m: int, v: int = 1) -> int:
+    """Point-to-point messages per step: ``2·(p·v − 1)·m`` (0 when ``p = 1``).
+
+    Each of the ``p·v − 1`` stage boundaries carries one activation forward and one gradient
+    back per micro-batch, and with ``p > 1`` every boundary crosses ranks. The same for every
+    schedule of the package: ``v×`` more (nearly) for interleaved.
+    """
+    return 2 * (p * v - 1) * m if p > 1 else 0

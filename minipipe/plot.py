@@ -1,0 +1,171 @@
+"""Draw a timeline: a Gantt chart per rank (matplotlib) or a few lines of text.
+
+Nothing here picks a matplotlib backend or calls ``plt.show()``: in a notebook the figure shows
+itself, in a script save it with ``ax.figure.savefig(...)``. matplotlib is imported only when
+a chart is drawn, so :func:`text_timeline` (and ``str(timeline)``) work without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .schedules import Kind
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .simulate import Timeline
+
+__all__ = ["compare_timelines", "plot_timeline", "text_timeline"]
+
+_IDLE_COLOR = "#ececec"
+_STYLE = {  # per kind: colour change (< 1 darker, > 1 mixed with white), hatch, text colour
+    Kind.F: (1.0, "", "black"),
+    Kind.B: (0.7, "///", "white"),
+    Kind.W: (1.5, "...", "black"),
+}
+_NAMES = {Kind.F: "F forward", Kind.B: "B backward", Kind.W: "W weight grad"}
+
+
+def _colour(mb: int, shade: float) -> tuple[float, float, float]:
+    """A qualitative colour per micro-batch (tab20: 10 strong, then 10 light ones)."""
+    from matplotlib import colormaps
+
+    i = mb % 20
+    r, g, b, _ = colormaps["tab20"](2 * (i % 10) + i // 10)
+    if shade <= 1:
+        return r * shade, g * shade, b * shade
+    w = shade - 1  # mix with white
+    return r + (1 - r) * w, g + (1 - g) * w, b + (1 - b) * w
+
+
+def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None = None,
+                  labels: bool = True, legend: bool = True) -> Axes:
+    """Gantt chart of a timeline: one row per rank (rank 0 on top), one bar per action.
+
+    Bars are coloured by micro-batch; F bars are plain, B bars darker and hatched ``///``,
+    W bars lighter and dotted. The light grey band behind each row is the rank's idle time.
+    Each bar carries its label (``F3``, ``1B3`` for chunk 1) when it fits.
+
+    Args:
+        timeline: what to draw (simulated or measured).
+        ax: axes to draw on; a new figure when ``None``.
+        title: default: the schedule, ``p``, ``m``, ``v``, step time and both bubbles.
+        labels: write the action labels inside bars wide enough for them.
+        legend: add a legend for F / B / W and idle.
+
+    Returns:
+        The axes. Bars are in ``ax.collections`` whose label is ``F``, ``B`` or ``W``.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * timeline.p), layout="constrained")
+    p, t0, step = timeline.p, timeline.start, timeline.step_time
+    height = 0.8
+
+    def box(y: float, x0: float, x1: float) -> list[tuple[float, float]]:
+        top, bottom = y - height / 2, y + height / 2
+        return [(x0, top), (x1, top), (x1, bottom), (x0, bottom)]
+
+    ax.add_collection(PolyCollection([box(r, 0, step) for r in range(p)], facecolors=_IDLE_COLOR,
+                                     edgecolors="none", zorder=0, label="idle"))
+    bars: dict[Kind, tuple[list, list]] = {kind: ([], []) for kind in Kind}
+    for e in timeline.events:
+        verts, colours = bars[e.action.kind]
+        verts.append(box(e.rank, e.start - t0, e.end - t0))
+        colours.append(_colour(e.action.mb, _STYLE[e.action.kind][0]))
+    for kind, (verts, colours) in bars.items():
+        if verts:
+            ax.add_collection(PolyCollection(verts, facecolors=colours, edgecolors="white",
+                                             linewidths=0.5, hatch=_STYLE[kind][1] or None,
+                                             zorder=2, label=kind.value))
+    ax.set_xlim(0, step if step > 0 else 1)
+    ax.set_ylim(p - 0.5, -0.5)  # rank 0 on top
+    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
+    ax.set_xlabel("time")
+    ax.set_title(title if title is not None else timeline.title(), fontsize=9, loc="left")
+
+    if labels and step > 0:
+        fontsize = 7 if p <= 16 else 5
+        px_per_unit = ax.get_window_extent().width / step
+        char_px = 0.62 * fontsize * ax.figure.dpi / 72
+        show_chunk = timeline.schedule.v > 1
+        for e in timeline.events:
+            text = e.action.label(show_chunk)
+            if (e.end - e.start) * px_per_unit >= len(text) * char_px + 2:
+                ax.text((e.start + e.end) / 2 - t0, e.rank, text, ha="center", va="center",
+                        fontsize=fontsize, color=_STYLE[e.action.kind][2], zorder=3, clip_on=True)
+    if legend:
+        kinds = [k for k in Kind if bars[k][0]]
+        handles = [Patch(facecolor=_colour(0, _STYLE[k][0]), hatch=_STYLE[k][1],
+                         edgecolor="white", label=_NAMES[k]) for k in kinds]
+        handles.append(Patch(facecolor=_IDLE_COLOR, label="idle"))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=7,
+                  frameon=False, title="colour: micro-batch", title_fontsize=7)
+    return ax
+
+
+def compare_timelines(a: Timeline, b: Timeline, titles: tuple[str, str] | None = None,
+                      sharex: bool | None = None) -> Figure:
+    """Two timelines one above the other, e.g. predicted (simulated) and measured.
+
+    Args:
+        a, b: the timelines (top, bottom).
+        titles: the two axes' titles; default each timeline's own figures.
+        sharex: share the time axis; default: when the step times are within a factor of 2
+            of each other (then they are most likely in the same unit).
+
+    Returns:
+        The figure; its two axes are ``fig.axes[0]`` and ``fig.axes[1]``.
+    """
+    import matplotlib.pyplot as plt
+
+    if sharex is None:
+        lo, hi = sorted([a.step_time, b.step_time])
+        sharex = lo > 0 and hi <= 2 * lo
+    rows = (a.p + 1.5, b.p + 1.5)
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=sharex, figsize=(10, 1.0 + 0.45 * sum(rows)),
+                                      height_ratios=rows, layout="constrained")
+    plot_timeline(a, ax=top, title=titles[0] if titles else None)
+    plot_timeline(b, ax=bottom, title=titles[1] if titles else None, legend=False)
+    if sharex:
+        top.set_xlim(0, max(a.step_time, b.step_time))
+        top.set_xlabel("")
+    return fig
+
+
+def text_timeline(timeline: Timeline, width: int = 100) -> str:
+    """The timeline as ``p`` lines of text, one per rank, ``width`` characters of time each.
+
+    Legend: each character is ``step_time / width`` of time. An action starts with its label
+    in capitals (``F3`` forward of micro-batch 3, ``B3`` backward, ``W3`` weight gradient;
+    ``1F3`` on chunk 1) and goes on in lower case (``F3fff``); an action too short for its
+    label shows its letter alone. ``.`` is idle.
+
+    Example: ``text_timeline(simulate(one_f_one_b(2, 2), t_f=1, t_b=2), width=27)``::
+
+        0 |F0fF1f......B0bbbb...B1bbbb|
+        1 |...F0fB0bbbbF1fB1bbbb......|
+    """
+    p, t0, step = timeline.p, timeline.start, timeline.step_time
+    rows = [["."] * width for _ in range(p)]
+    if step > 0:
+        scale = width / step
+        show_chunk = timeline.schedule.v > 1
+        for e in sorted(timeline.events, key=lambda e: e.start):
+            row = rows[e.rank]
+            a = min(round((e.start - t0) * scale), width - 1)
+            b = min(max(round((e.end - t0) * scale), a + 1), width)
+            if b - a == 1 and row[a] != ".":
+                continue  # a sliver that rounds onto a cell already drawn
+            label = e.action.label(show_chunk)
+            if b - a < len(label):
+                label = e.action.kind.value
+            fill = e.action.kind.value.lower()
+            row[a:b] = list(label + fill * (b - a - len(label)))
+    digits = len(str(p - 1))
+    return "\n".join(f"{r:>{digits}} |{''.join(row)}|" for r, row in enumerate(rows))
