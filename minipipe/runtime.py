@@ -30,6 +30,7 @@ from .comm import P2P, TensorMeta
 from .launch import Context, launch
 from .models import backward_phase
 from .schedules import Action, Kind, Schedule
+from .state import prepare_resume, remove_stale, restore_optimizer, save_meta, save_rank
 from .validate import Message, comm_plan, validate
 
 __all__ = ["Job", "RunResult", "train", "reference", "split_evenly", "param_names", "StageWorker",
@@ -128,6 +129,9 @@ class Job:
     tie_sync: bool = True
     return_grads: bool = False
     return_params: bool = False
+    save_dir: str | None = None  # checkpoint written here at the end (see minipipe.state)
+    save_meta: dict | None = None
+    opt_state: dict | None = None  # resuming: optimizer state by parameter name
 
 
 class StageWorker:
@@ -156,6 +160,8 @@ class StageWorker:
         self.meta: dict[tuple[str, int], TensorMeta] = {}
         self.meter = ActivationMeter(list(self.params.values()))
         self.opt = self._optimizer()
+        if job.opt_state:  # resuming: the weights came in the model, the optimizer state by name
+            restore_optimizer(self.opt, self.params, job.opt_state)
         self.tie_groups = self._tie_groups(layers, names)
         self.dp_group = self._dp_group()
         if job.tie_sync:  # tied copies start identical: broadcast from the lowest holder
@@ -331,6 +337,9 @@ def _rank_main(ctx: Context, job: Job) -> dict[str, Any]:
     ctx.status("building its stage")
     worker = StageWorker(ctx, job)
     steps = [worker.step(k, batch) for k, batch in enumerate(job.data)]
+    if job.save_dir is not None:
+        ctx.status("saving its checkpoint")
+        save_rank(worker, job.save_dir, job.save_meta)
     out: dict[str, Any] = {
         "rank": worker.rank, "replica": worker.replica, "steps": steps,
         "act_bytes_per_mb": dict(worker.meter.per_mb), "act_peak_bytes": worker.meter.peak,
@@ -517,7 +526,8 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
           checkpoint: bool | Sequence[int] = False, tie_sync: bool = True,
           return_grads: bool = False, return_params: bool = False, backend: str = "auto",
           timeout: float = 300.0, pg_timeout: float | None = None, check_schedule: bool = True,
-          threads: int = 1) -> RunResult:
+          threads: int = 1, save_dir: str | os.PathLike | None = None,
+          resume_from: str | os.PathLike | None = None) -> RunResult:
     """Train ``model`` with ``schedule`` on ``dp × p`` real ranks.
 
     Args:
@@ -535,9 +545,12 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         backend: ``auto``, ``gloo`` or ``nccl``. timeout: seconds before the run is declared
             hung. pg_timeout: seconds one receive may block. check_schedule: validate first
             (turn off only to watch a bad schedule hang).
+        save_dir: at the end, every rank saves its stage there (``rank{global_rank}.pt``).
+        resume_from: a checkpoint directory written with any split: start from its weights
+            and optimizer state (see :mod:`minipipe.state`).
 
     Raises:
-        ScheduleError, ConfigError: before any process starts.
+        ScheduleError, ConfigError, CheckpointError: before any process starts.
         WorkerError, PipelineTimeout: a rank failed or the run hung (see :mod:`minipipe.launch`).
     """
     model = model if isinstance(model, nn.Sequential) else nn.Sequential(*model)
@@ -546,8 +559,16 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         bounds = check_config(model, schedule, batches, dp, bounds)
     else:
         bounds = bounds or split_evenly(len(model), schedule.num_stages)
+    opt_state, start_step = None, 0
+    if resume_from is not None:  # merged and checked here, before any process starts
+        model, opt_state, start_step = prepare_resume(model, resume_from, optimizer)
+    meta = None
+    if save_dir is not None:
+        save_dir = os.fspath(save_dir)
+        os.makedirs(save_dir, exist_ok=True)
+        meta = save_meta(model, schedule, bounds, dp, start_step + len(batches), optimizer)
     job = Job(model, loss_fn, schedule, batches, bounds, dp, optimizer, lr, checkpoint, tie_sync,
-              return_grads, return_params)
+              return_grads, return_params, save_dir, meta, opt_state)
     world = dp * schedule.p
     start = time.perf_counter()
     ranks = launch(_rank_main, world, job, backend=backend, timeout=timeout, pg_timeout=pg_timeout,
@@ -557,7 +578,9 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
             "staged": ranks[0]["staged"], "world_size": world, "cores": cores,
             "ranks_exceed_cores": world > cores and ranks[0]["device"] == "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
-            "bounds": bounds}
+            "bounds": bounds, "start_step": start_step}
+    if save_dir is not None:
+        remove_stale(save_dir, world)
     return RunResult(schedule, ranks, dp, time.perf_counter() - start, info)
 
 

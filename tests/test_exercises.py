@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -555,15 +556,17 @@ def test_grade_fails_every_stub_at_its_check(graded_exercises):
         assert "checks.check_" in r["cell_source"], r
 
 
-@pytest.mark.slow
-def test_grade_passes_the_solutions(tmp_path):
+def test_grade_passes_solutions(tmp_path):
+    """The grader's pass path, on two quick solutions (nbmake already runs all of them)."""
     from minipipe import grade
 
+    for name in ("01_bubble.ipynb", "06_partition.ipynb"):
+        shutil.copy(ROOT / "solutions" / name, tmp_path / name)
     out = tmp_path / "solutions.json"
-    code = grade.main([str(ROOT / "solutions"), "--json", str(out), "--quiet"])
+    code = grade.main([str(tmp_path), "--json", str(out), "--quiet"])
     rows = json.loads(out.read_text())
     assert code == 0, rows
-    assert len(rows) == len(EXERCISES) and all(r["passed"] for r in rows)
+    assert len(rows) == 2 and all(r["passed"] for r in rows)
 
 
 def test_check_failed_shows_the_message_and_the_learners_error_only():
