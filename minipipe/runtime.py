@@ -160,7 +160,7 @@ class StageWorker:
         self.meta: dict[tuple[str, int], TensorMeta] = {}
         self.meter = ActivationMeter(list(self.params.values()))
         self.opt = self._optimizer()
-        if job.opt_state:  # resuming: the weights came in the model, the optimizer state by name
+        if job.opt_state and self.opt:  # resuming: the weights came in the model, the optimizer state by name
             restore_optimizer(self.opt, self.params, job.opt_state)
         self.tie_groups = self._tie_groups(layers, names)
         self.dp_group = self._dp_group()
@@ -169,9 +169,11 @@ class StageWorker:
                 dist.broadcast(self.params[name].data, src, group=group)
 
     # -- set-up -------------------------------------------------------------------------
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self) -> torch.optim.Optimizer | None:
         params = list(self.params.values())
         opt = self.job.optimizer
+        if not params:  # a rank whose stages hold no weights has nothing to update
+            return None
         if callable(opt):
             return opt(params)
         if opt == "sgd":
@@ -216,7 +218,8 @@ class StageWorker:
         xs = [c.to(dev, copy=True) for c in x.tensor_split(sched.m)]
         ys = [c.to(dev, copy=True) for c in y.tensor_split(sched.m)]
         total = share * self.job.dp
-        self.opt.zero_grad(set_to_none=True)
+        for q in self.params.values():
+            q.grad = None
         stash: dict[tuple[int, int], tuple] = {}  # (chunk, mb) -> (input, output or loss)
         wait_w: dict[tuple[int, int], tuple] = {}  # split backward: waiting for W
         local: dict[tuple[str, int, int], torch.Tensor] = {}  # same-rank stage hand-off
@@ -280,7 +283,8 @@ class StageWorker:
         if self.job.return_grads and k == len(self.job.data) - 1:
             record["grads"] = {n: (q.grad.detach().cpu().clone() if q.grad is not None else None)
                                for n, q in self.params.items()}
-        self.opt.step()
+        if self.opt is not None:
+            self.opt.step()
         if dev.type == "cuda":
             record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         self.ctx.status(f"step {k}: done")

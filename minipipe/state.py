@@ -107,7 +107,7 @@ def save_rank(worker: StageWorker, directory: str, meta: dict[str, Any]) -> str:
     """Write this rank's parameters, buffers and optimizer state by name; returns the path."""
     params = {n: _cpu(q) for n, q in worker.params.items()}
     optim = {n: {k: _cpu(v) for k, v in worker.opt.state[q].items()}
-             for n, q in worker.params.items() if worker.opt.state.get(q)}
+             for n, q in worker.params.items() if worker.opt and worker.opt.state.get(q)}
     buffers, stages = {}, []
     for c, chunk in worker.chunks.items():
         s = worker.sched.stage(worker.rank, c)

@@ -325,3 +325,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     assert Path(path).read_bytes() == before
     assert os.listdir(tmp_path) == ["rank0.pt"]  # the temporary file is gone too
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_rank_whose_stages_hold_no_weights_still_trains():
+    """Rank 1 holds only a Tanh: no optimizer there, and the step still matches."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    data = (torch.randn(4, 4), torch.randn(4, 4))
+    result = train(model, F.mse_loss, make_schedule("gpipe", 2, 2), data, steps=2,
+                   return_params=True)
+    ref = reference(model, F.mse_loss, data, steps=2)
+    assert result.losses == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(result.params[name], value, atol=1e-5, rtol=1e-4)
