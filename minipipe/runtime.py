@@ -26,6 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+try:  # torch's split backward: input gradients first, weight gradients later
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph instead
+    stage_backward_input = stage_backward_weight = None
+
 from .comm import P2P, TensorMeta
 from .launch import Context, launch
 from .models import backward_phase
@@ -253,9 +258,7 @@ class StageWorker:
                 grad = None if s == self.last else got.get("gradient", local.pop(("gradient", s + 1, a.mb), None))
                 needs_in = s > 0 and inp.requires_grad
                 if sched.split_backward:  # input gradient now, weight gradient at W
-                    with backward_phase("input"):
-                        g_in = torch.autograd.grad(out, inp, grad, retain_graph=True)[0] if needs_in else None
-                    wait_w[(a.chunk, a.mb)] = (out, grad)
+                    g_in, wait_w[(a.chunk, a.mb)] = self._backward_input(a.chunk, inp, out, grad, needs_in)
                 else:
                     with backward_phase("full"):
                         torch.autograd.backward(out, grad)
@@ -263,10 +266,7 @@ class StageWorker:
                     self.meter.release(a.chunk, a.mb)
                 to_send = g_in if g_in is not None else (torch.zeros_like(inp) if needs_in else None)
             else:  # W: weight gradient of a split backward
-                out, grad = wait_w.pop((a.chunk, a.mb))
-                chunk_params = [q for q in self.chunks[a.chunk].parameters() if q.requires_grad]
-                with backward_phase("weight"):
-                    torch.autograd.backward(out, grad, inputs=chunk_params)
+                self._backward_weight(a.chunk, wait_w.pop((a.chunk, a.mb)))
                 self.meter.release(a.chunk, a.mb)
                 to_send = None
             events.append((a, start, time.perf_counter() - t0))
@@ -289,6 +289,33 @@ class StageWorker:
             record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         self.ctx.status(f"step {k}: done")
         return record
+
+    def _backward_input(self, chunk: int, inp: torch.Tensor, out: torch.Tensor,
+                        grad: torch.Tensor | None, needs_in: bool) -> tuple[torch.Tensor | None, tuple]:
+        """B of a split backward: the input gradient now; returns it and what W will need.
+
+        torch's pipelining helpers keep the gradients at the nodes that feed the weights, so W
+        computes only weight gradients. Where they are missing (or the stage has no input
+        gradient to compute, e.g. stage 0), W walks the kept graph from the output instead.
+        """
+        params = [q for q in self.chunks[chunk].parameters() if q.requires_grad]
+        with backward_phase("input"):
+            if needs_in and stage_backward_input is not None:
+                (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
+                                                       [inp], iter(params))
+                return g_in, ("groups", params, groups)
+            g_in = torch.autograd.grad(out, inp, grad, retain_graph=True)[0] if needs_in else None
+        return g_in, ("graph", params, (out, grad))
+
+    def _backward_weight(self, chunk: int, kept: tuple) -> None:
+        """W of a split backward: accumulate this chunk's weight gradients."""
+        how, params, what = kept
+        with backward_phase("weight"):
+            if how == "groups":
+                stage_backward_weight(iter(params), what)
+            else:
+                out, grad = what
+                torch.autograd.backward(out, grad, inputs=params)
 
     def _forward(self, chunk: int, stage: int, inp: torch.Tensor) -> torch.Tensor:
         module = self.chunks[chunk]
