@@ -33,6 +33,7 @@ import torch.distributed as dist
 __all__ = ["Context", "WorkerError", "PipelineTimeout", "launch", "choose_backend", "under_torchrun"]
 
 _STATUS_LEN = 120  # bytes of status text per rank in the shared board
+_SECONDARY = b"closed by peer"  # gloo's error on a rank whose peer went away first
 
 
 class WorkerError(RuntimeError):
@@ -147,7 +148,7 @@ def _worker(rank: int, world_size: int, payload: bytes, port: int, backend: str,
         out = cloudpickle.dumps(fn(ctx, *args, **kwargs))
     except BaseException:  # noqa: BLE001 - everything goes back to the caller
         status, out = "error", traceback.format_exc().encode()
-    results.put((status, rank, out))
+    results.put((status, rank, out, time.time()))
     if status == "ok" and dist.is_initialized():
         dist.destroy_process_group()
     if status == "error":
@@ -183,6 +184,7 @@ def _run_torchrun(fn: Callable, args: tuple, kwargs: dict, backend: str, threads
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(threads)
+    fn, args, kwargs = cloudpickle.loads(cloudpickle.dumps((fn, args, kwargs)))  # as if spawned
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(name, timeout=datetime.timedelta(seconds=pg_timeout))
@@ -263,9 +265,9 @@ def _collect(procs: list[Any], results: Any, board: Any, world_size: int,
     while len(out) < world_size:
         item = reader.get(0.05)
         if item is not None:
-            status, rank, data = item
+            status, rank, data, when = item
             if status == "error":
-                raise WorkerError(rank, data.decode(), _read_board(board, world_size))
+                raise _first_failure(reader, (when, rank, data), board, world_size)
             out[rank] = cloudpickle.loads(data)
             continue
         for rank, proc in enumerate(procs):
@@ -278,6 +280,21 @@ def _collect(procs: list[Any], results: Any, board: Any, world_size: int,
         if time.monotonic() > deadline:
             raise PipelineTimeout(timeout, _read_board(board, world_size))
     return [out[r] for r in range(world_size)]
+
+
+def _first_failure(reader: "_QueueReader", first: tuple, board: Any, world_size: int) -> WorkerError:
+    """The error that came first: when one rank fails, its peers often fail a moment later
+    ("connection closed by peer"), and their report can arrive before the cause's; such
+    consequences are passed over when a rank reports anything else."""
+    status = _read_board(board, world_size)
+    errors = [first]
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        item = reader.get(0.05)
+        if item is not None and item[0] == "error":
+            errors.append((item[3], item[1], item[2]))
+    when, rank, data = min(errors, key=lambda e: (_SECONDARY in e[2], e[0]))
+    return WorkerError(rank, data.decode(), status)
 
 
 class _QueueReader:

@@ -26,11 +26,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-try:  # torch's split backward: input gradients first, weight gradients later
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph instead
-    stage_backward_input = stage_backward_weight = None
-
 from .comm import P2P, TensorMeta
 from .launch import Context, launch
 from .models import backward_phase
@@ -177,7 +172,7 @@ class StageWorker:
     def _optimizer(self) -> torch.optim.Optimizer | None:
         params = list(self.params.values())
         opt = self.job.optimizer
-        if not params:  # a rank whose stages hold no weights has nothing to update
+        if not params or opt == "sgd":  # plain SGD is done in step(): see _sgd_step
             return None
         if callable(opt):
             return opt(params)
@@ -285,10 +280,20 @@ class StageWorker:
                                for n, q in self.params.items()}
         if self.opt is not None:
             self.opt.step()
+        elif self.job.optimizer == "sgd":
+            self._sgd_step()
         if dev.type == "cuda":
             record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         self.ctx.status(f"step {k}: done")
         return record
+
+    @torch.no_grad()
+    def _sgd_step(self) -> None:
+        """``w -= lr · grad``, as torch.optim.SGD does without momentum (building that
+        optimizer imports torch._dynamo: about a second of start-up on every rank)."""
+        for q in self.params.values():
+            if q.grad is not None:
+                q.add_(q.grad, alpha=-self.job.lr)
 
     def _backward_input(self, chunk: int, inp: torch.Tensor, out: torch.Tensor,
                         grad: torch.Tensor | None, needs_in: bool) -> tuple[torch.Tensor | None, tuple]:
@@ -299,6 +304,10 @@ class StageWorker:
         gradient to compute, e.g. stage 0), W walks the kept graph from the output instead.
         """
         params = [q for q in self.chunks[chunk].parameters() if q.requires_grad]
+        try:  # imported here: torch.distributed.pipelining costs each rank ~1 s to import
+            from torch.distributed.pipelining._backward import stage_backward_input
+        except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph
+            stage_backward_input = None
         with backward_phase("input"):
             if needs_in and stage_backward_input is not None:
                 (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
@@ -312,6 +321,8 @@ class StageWorker:
         how, params, what = kept
         with backward_phase("weight"):
             if how == "groups":
+                from torch.distributed.pipelining._backward import stage_backward_weight
+
                 stage_backward_weight(iter(params), what)
             else:
                 out, grad = what
