@@ -4,11 +4,19 @@ Sends are posted without waiting and their handles kept until :meth:`P2P.flush`;
 are waited for before the action that needs them. With ``staged=True`` (gloo with CUDA
 compute) tensors go through host memory. ``MINIPIPE_TRACE=1`` prints every message as
 ``rank 0 | step 1 | send activation mb 0 → 1 [4, 16] float32``.
+
+Receives posted ahead (gloo): a step sends the same messages in the same order as the one
+before, so :class:`P2P` records the receives of the first step and, from the second step
+on, posts each one ``lookahead`` messages early (per sending rank), before its data arrives.
+A message that finds its receive already posted lands straight in the buffer; one that
+arrives first waits for a handshake, which costs a thread wake-up on each side — about a
+millisecond per message on a busy CPU. ``MINIPIPE_LOOKAHEAD=0`` turns this off.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -31,24 +39,84 @@ class TensorMeta:
     dtype: torch.dtype
 
 
+def _key(msg: Message) -> tuple[str, int, int]:
+    return (msg.kind, msg.stage, msg.mb)
+
+
+class _Lane:
+    """The receives expected from one sending rank in one step, posted ahead in order."""
+
+    def __init__(self, expected: list[tuple[tuple[str, int, int], TensorMeta]]) -> None:
+        self.expected = expected  # (message key, meta) in the order they were received
+        self.next = 0  # index in ``expected`` of the next receive to post
+        self.posted: deque = deque()  # (key, meta, work, buffer), oldest first
+
+    def restart(self) -> None:
+        if self.posted:  # every receive of a step is consumed within it
+            raise RuntimeError(f"{len(self.posted)} posted receive(s) left over from the last step")
+        self.next = 0
+
+
 @dataclass
 class P2P:
     """Backend-neutral sends and receives for one rank, with counters and optional trace.
 
     Args:
         device: where received tensors end up. staged: copy through host memory.
-        rank_of: maps a pipeline rank (``Message.src``/``dst``) to the global rank.
+        offset: global rank of this replica's pipeline rank 0 (``Message`` ranks are local).
+        lookahead: receives posted ahead per sending rank from the second step on (gloo
+            only; NCCL runs a pair's operations in posting order, so an early receive
+            would block the sends behind it). 0: post each receive when it is needed.
     """
 
     device: torch.device
     staged: bool = False
     offset: int = 0  # global rank of this replica's pipeline rank 0
     trace: bool = field(default_factory=lambda: os.environ.get("MINIPIPE_TRACE", "") not in ("", "0"))
-    step: int = 0
+    lookahead: int = field(default_factory=lambda: int(os.environ.get("MINIPIPE_LOOKAHEAD", "2")))
     messages_sent: int = 0
     bytes_sent: int = 0
+    _step: int = 0
     _pending: list = field(default_factory=list)
+    _record: list | None = field(default_factory=list)  # first step: (src, key, meta) received
+    _lanes: dict[int, _Lane] = field(default_factory=dict)
 
+    # -- steps ------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The optimizer step being run; setting it starts that step (see :meth:`start`)."""
+        return self._step
+
+    @step.setter
+    def step(self, k: int) -> None:
+        self.start(k)
+
+    def start(self, k: int) -> None:
+        """Begin step ``k``: from the second step on, post the first receives ahead."""
+        self._step = k
+        if self.lookahead <= 0:
+            return
+        if self._record:  # the step that was recorded is over: arm the lanes with it
+            if dist.is_initialized() and dist.get_backend() == "gloo":
+                by_src: dict[int, list] = {}
+                for src, key, meta in self._record:
+                    by_src.setdefault(src, []).append((key, meta))
+                self._lanes = {src: _Lane(exp) for src, exp in by_src.items()}
+            self._record = None
+        elif self._record is not None:
+            return  # nothing received yet (a first step without receives, or p == 1)
+        for src, lane in self._lanes.items():
+            lane.restart()
+            self._fill(src, lane)
+
+    def _fill(self, src: int, lane: _Lane) -> None:
+        while len(lane.posted) < self.lookahead and lane.next < len(lane.expected):
+            key, meta = lane.expected[lane.next]
+            buf = torch.empty(meta.shape, dtype=meta.dtype, device=self._where())
+            lane.posted.append((key, meta, dist.irecv(buf, self.offset + src), buf))
+            lane.next += 1
+
+    # -- messages -----------------------------------------------------------------------------
     def _log(self, verb: str, msg: Message, t: torch.Tensor) -> None:
         if self.trace:
             peer = msg.dst if verb == "send" else msg.src
@@ -87,9 +155,22 @@ class P2P:
 
     def recv(self, msg: Message, meta: TensorMeta) -> torch.Tensor:
         """Receive the tensor described by ``msg`` (blocks until it arrives)."""
-        where = self._where()
-        buf = torch.empty(meta.shape, dtype=meta.dtype, device=where)
-        dist.irecv(buf, self.offset + msg.src).wait()
+        lane = self._lanes.get(msg.src)
+        if lane is not None:
+            if not lane.posted:  # lookahead used up (cannot happen with lookahead >= 1)
+                self._fill(msg.src, lane)
+            key, want, work, buf = lane.posted.popleft()
+            if key != _key(msg) or want != meta:
+                raise RuntimeError(
+                    f"receive posted ahead for {key} {want} but the step asks for {_key(msg)} "
+                    f"{meta}: every step must receive the same messages in the same order")
+            self._fill(msg.src, lane)  # post the next ones before blocking on this one
+        else:
+            if self._record is not None and self.lookahead > 0:
+                self._record.append((msg.src, _key(msg), meta))
+            buf = torch.empty(meta.shape, dtype=meta.dtype, device=self._where())
+            work = dist.irecv(buf, self.offset + msg.src)
+        work.wait()
         self._log("recv", msg, buf)
         return buf.to(self.device) if self.staged else buf
 

@@ -53,8 +53,9 @@ def split_evenly(num_layers: int, num_stages: int) -> list[int]:
     ``bounds[s]:bounds[s + 1]``; the first stages get the extra layers.
     """
     if num_stages > num_layers:
-        raise ConfigError(f"{num_stages} stages need at least {num_stages} layers; the model "
-                          f"has {num_layers} (use fewer stages or chunks, or more layers)")
+        raise ConfigError(f"{num_stages} stages need at least {num_stages} layers (entries of the "
+                          f"nn.Sequential); the model has {num_layers} (use fewer stages or "
+                          f"chunks, or more layers)")
     base, extra = divmod(num_layers, num_stages)
     bounds = [0]
     for s in range(num_stages):
@@ -436,8 +437,9 @@ class RunResult:
 
     @property
     def step_time(self) -> float:
-        """Median step time in seconds."""
-        return statistics.median(self.step_times)
+        """Median step time in seconds, leaving out the first step (warm-up) when there are more."""
+        times = self.step_times
+        return statistics.median(times[1:] if len(times) > 1 else times)
 
     def _by_rank(self, key: str, replica: int = 0) -> list:
         return [r[key] for r in sorted(self.ranks, key=lambda r: r["rank"]) if r["replica"] == replica]
