@@ -256,7 +256,7 @@ def interleaved(p: int, m: int, v: int = 2) -> Schedule:
         raise ValueError(f"need v >= 1 chunks per rank, got v={v}")
     if m % p:
         raise ValueError(
-            f"interleaved 1F1B needs the micro-batches to be a multiple of the stages: "
+            f"interleaved 1F1B needs the micro-batches to be a multiple of the ranks: "
             f"m={m} is not a multiple of p={p} (try m={m + (p - m % p)})"
         )
     total = m * v  # (chunk, micro-batch) pairs per rank

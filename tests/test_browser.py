@@ -165,11 +165,6 @@ def test_explorer_follows_its_controls(lesson, explorer):
         assert not _tracebacks(nb), "widget callbacks raised:\n" + "\n".join(_tracebacks(nb))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "minipipe/widgets.py Explorer._show calls output.clear_output(wait=True) and then shows "
-    "nothing for an invalid setting: wait=True defers the clear until the next output, so the "
-    "browser keeps the previous chart beside the error text. Fix: clear_output(wait=png is not "
-    "None). Remove this marker once fixed."))
 def test_invalid_setting_is_explained_without_a_stale_chart(lesson, explorer):
     nb, ex, page = lesson[0], explorer, lesson[0].page
     with evidence(nb, "invalid"):
