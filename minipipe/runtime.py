@@ -34,7 +34,7 @@ from .state import prepare_resume, remove_stale, restore_optimizer, save_meta, s
 from .validate import Message, comm_plan, validate
 
 __all__ = ["Job", "RunResult", "train", "reference", "split_evenly", "param_names", "StageWorker",
-           "ActivationMeter", "ConfigError"]
+           "ActivationMeter", "ConfigError", "backward_input", "backward_weight"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,6 +109,47 @@ class ActivationMeter:
 
     def release(self, chunk: int, mb: int) -> None:
         self.live -= self.held.pop((chunk, mb))
+
+
+# ---------------------------------------------------------------- split backward (B, then W)
+
+
+def backward_input(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tensor | None,
+                   params: list[nn.Parameter]) -> tuple[torch.Tensor | None, tuple]:
+    """B of a split backward: the gradient for the stage input now; W's part is kept for later.
+
+    torch's pipelining helpers record the gradients arriving at the nodes that feed the
+    weights, so :func:`backward_weight` computes only weight gradients. Without an input
+    gradient to compute (stage 0), W walks the kept graph from the output: that is the whole
+    backward, and it is W's to do.
+
+    Returns:
+        ``(input gradient or None, kept)``; pass ``kept`` to :func:`backward_weight`.
+    """
+    try:  # imported here: torch.distributed.pipelining costs each rank ~1 s to import
+        from torch.distributed.pipelining._backward import stage_backward_input
+    except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph
+        stage_backward_input = None
+    with backward_phase("input"):
+        if inp is not None and stage_backward_input is not None:
+            (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
+                                                   [inp], iter(params))
+            return g_in, ("groups", params, groups)
+        g_in = torch.autograd.grad(out, inp, grad, retain_graph=True)[0] if inp is not None else None
+    return g_in, ("graph", params, (out, grad))
+
+
+def backward_weight(kept: tuple) -> None:
+    """W of a split backward: accumulate the weight gradients kept by :func:`backward_input`."""
+    how, params, what = kept
+    with backward_phase("weight"):
+        if how == "groups":
+            from torch.distributed.pipelining._backward import stage_backward_weight
+
+            stage_backward_weight(iter(params), what)
+        else:
+            out, grad = what
+            torch.autograd.backward(out, grad, inputs=params)
 
 
 # ------------------------------------------------------------------------------- the job
@@ -254,7 +295,8 @@ class StageWorker:
                 grad = None if s == self.last else got.get("gradient", local.pop(("gradient", s + 1, a.mb), None))
                 needs_in = s > 0 and inp.requires_grad
                 if sched.split_backward:  # input gradient now, weight gradient at W
-                    g_in, wait_w[(a.chunk, a.mb)] = self._backward_input(a.chunk, inp, out, grad, needs_in)
+                    params = [q for q in self.chunks[a.chunk].parameters() if q.requires_grad]
+                    g_in, wait_w[(a.chunk, a.mb)] = backward_input(out, grad, inp if needs_in else None, params)
                 else:
                     with backward_phase("full"):
                         torch.autograd.backward(out, grad)
@@ -262,7 +304,7 @@ class StageWorker:
                     self.meter.release(a.chunk, a.mb)
                 to_send = g_in if g_in is not None else (torch.zeros_like(inp) if needs_in else None)
             else:  # W: weight gradient of a split backward
-                self._backward_weight(a.chunk, wait_w.pop((a.chunk, a.mb)))
+                backward_weight(wait_w.pop((a.chunk, a.mb)))
                 self.meter.release(a.chunk, a.mb)
                 to_send = None
             events.append((a, start, time.perf_counter() - t0))
@@ -295,39 +337,6 @@ class StageWorker:
         for q in self.params.values():
             if q.grad is not None:
                 q.add_(q.grad, alpha=-self.job.lr)
-
-    def _backward_input(self, chunk: int, inp: torch.Tensor, out: torch.Tensor,
-                        grad: torch.Tensor | None, needs_in: bool) -> tuple[torch.Tensor | None, tuple]:
-        """B of a split backward: the input gradient now; returns it and what W will need.
-
-        torch's pipelining helpers keep the gradients at the nodes that feed the weights, so W
-        computes only weight gradients. Where they are missing (or the stage has no input
-        gradient to compute, e.g. stage 0), W walks the kept graph from the output instead.
-        """
-        params = [q for q in self.chunks[chunk].parameters() if q.requires_grad]
-        try:  # imported here: torch.distributed.pipelining costs each rank ~1 s to import
-            from torch.distributed.pipelining._backward import stage_backward_input
-        except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph
-            stage_backward_input = None
-        with backward_phase("input"):
-            if needs_in and stage_backward_input is not None:
-                (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
-                                                       [inp], iter(params))
-                return g_in, ("groups", params, groups)
-            g_in = torch.autograd.grad(out, inp, grad, retain_graph=True)[0] if needs_in else None
-        return g_in, ("graph", params, (out, grad))
-
-    def _backward_weight(self, chunk: int, kept: tuple) -> None:
-        """W of a split backward: accumulate this chunk's weight gradients."""
-        how, params, what = kept
-        with backward_phase("weight"):
-            if how == "groups":
-                from torch.distributed.pipelining._backward import stage_backward_weight
-
-                stage_backward_weight(iter(params), what)
-            else:
-                out, grad = what
-                torch.autograd.backward(out, grad, inputs=params)
 
     def _forward(self, chunk: int, stage: int, inp: torch.Tensor) -> torch.Tensor:
         module = self.chunks[chunk]
