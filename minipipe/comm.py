@@ -72,7 +72,8 @@ class P2P:
     device: torch.device
     staged: bool = False
     offset: int = 0  # global rank of this replica's pipeline rank 0
-    trace: bool = field(default_factory=lambda: os.environ.get("MINIPIPE_TRACE", "") not in ("", "0"))
+    trace: bool = field(
+        default_factory=lambda: os.environ.get("MINIPIPE_TRACE", "") not in ("", "0"))
     lookahead: int = field(default_factory=lambda: int(os.environ.get("MINIPIPE_LOOKAHEAD", "2")))
     messages_sent: int = 0
     bytes_sent: int = 0

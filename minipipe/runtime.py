@@ -76,31 +76,44 @@ class ActivationMeter:
     """Bytes autograd saves for backward, per (chunk, micro-batch), live and at peak.
 
     A ``saved_tensors_hooks`` pack hook sees every tensor saved during a forward; each storage
-    is counted once, parameters not at all. Exact and deterministic on CPU.
+    is counted once, parameters not at all. Exact and deterministic on CPU. The hooks cost a
+    few microseconds per saved tensor in forward and again in backward, so a micro-batch whose
+    ``key`` (its chunk and shapes) was measured before reuses that count: exact for models
+    whose saved tensors depend only on the input shapes (every model in :mod:`minipipe.models`).
     """
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
         self.param_storages = {p.untyped_storage().data_ptr() for p in params}
         self.held: dict[tuple[int, int], int] = {}
         self.per_mb: dict[int, int] = {}  # chunk -> bytes of one micro-batch
+        self.known: dict[Any, int] = {}  # key -> bytes measured for it
         self.live = 0
         self.peak = 0
 
     @contextlib.contextmanager
-    def record(self, chunk: int, mb: int):
-        seen: set[int] = set()
-        total = 0
+    def record(self, chunk: int, mb: int, key: Any = None):
+        total = self.known.get(key) if key is not None else None
+        if total is None:
+            seen: set[int] = set()
+            sizes: list[int] = []
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self.param_storages and ptr not in seen:
-                seen.add(ptr)
-                total += storage.nbytes()
-            return t
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr not in self.param_storages and ptr not in seen:
+                    seen.add(ptr)
+                    sizes.append(storage.nbytes())
+                # a detached alias: autograd would hold ``t`` itself as a Python object, in a
+                # cycle with its grad_fn that the garbage collector cannot see, so graph parts
+                # no backward frees (a split backward's input-only nodes) would leak
+                return t.detach()
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                yield
+            total = sum(sizes)
+            if key is not None:
+                self.known[key] = total
+        else:
             yield
         self.held[(chunk, mb)] = total
         self.per_mb.setdefault(chunk, total)
@@ -282,7 +295,8 @@ class StageWorker:
                 inp = xs[a.mb] if s == 0 else got.get("activation", local.pop(("activation", s - 1, a.mb), None))
                 if s > 0:
                     inp = inp.detach().requires_grad_(inp.is_floating_point())
-                with self.meter.record(a.chunk, a.mb):
+                shapes = (a.chunk, tuple(inp.shape), inp.dtype, tuple(ys[a.mb].shape))
+                with self.meter.record(a.chunk, a.mb, key=shapes):
                     out = self._forward(a.chunk, s, inp)
                     if s == self.last:
                         weight = ys[a.mb].shape[0] / total  # this micro-batch's share of the batch
@@ -563,6 +577,10 @@ def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp
     if dp < 1:
         raise ConfigError(f"dp must be >= 1, got {dp}")
     for k, (x, y) in enumerate(data):
+        if (x.shape, y.shape) != (data[0][0].shape, data[0][1].shape):
+            raise ConfigError(f"batch {k} has shapes {tuple(x.shape)}, {tuple(y.shape)} but batch 0 "
+                              f"has {tuple(data[0][0].shape)}, {tuple(data[0][1].shape)}: every "
+                              "step must use batches of one shape (stage shapes are sent once)")
         n = x.shape[0]
         if y.shape[0] != n:
             raise ConfigError(f"batch {k}: inputs have {n} rows, targets {y.shape[0]}")

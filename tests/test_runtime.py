@@ -181,7 +181,8 @@ def _forbid_launch(monkeypatch):
     monkeypatch.setattr("minipipe.runtime.launch", refuse)
 
 
-@pytest.mark.parametrize("problem", ["batch", "unequal-dp", "layers", "schedule", "bounds"])
+@pytest.mark.parametrize("problem", ["batch", "unequal-dp", "layers", "schedule", "bounds",
+                                     "batch-shapes"])
 def test_bad_configuration_fails_before_any_process(make_case, monkeypatch, problem):
     _forbid_launch(monkeypatch)
     model, loss_fn, data = make_case("mlp", 4)
@@ -196,6 +197,8 @@ def test_bad_configuration_fails_before_any_process(make_case, monkeypatch, prob
         data = (x[:4], y[:4])
     elif problem == "schedule":
         schedule, error, match = Schedule(["F0 B0", "B0 F0"]), ScheduleError, "before its F"
+    elif problem == "batch-shapes":  # stage shapes are learned once: every step must match
+        data, match = [(x, y), (x[:8], y[:8])], "one shape"
     else:
         kwargs, match = {"bounds": [0, 8, 8]}, "empty"
     start = time.perf_counter()
