@@ -215,7 +215,7 @@ class StageWorker:
         self.meta: dict[tuple[str, int], TensorMeta] = {}
         self.meter = ActivationMeter(list(self.params.values()))
         self.opt = self._optimizer()
-        if job.opt_state and self.opt:  # resuming: the weights came in the model, the optimizer state by name
+        if job.opt_state and self.opt:  # resuming: weights came in the model, optimizer state by name
             restore_optimizer(self.opt, self.params, job.opt_state)
         self.tie_groups = self._tie_groups(layers, names)
         self.dp_group = self._dp_group()
@@ -292,7 +292,7 @@ class StageWorker:
             self.ctx.status(f"step {k}: running {a.label(sched.v > 1)}")
             start = time.perf_counter() - t0
             if a.kind is Kind.F:
-                inp = xs[a.mb] if s == 0 else got.get("activation", local.pop(("activation", s - 1, a.mb), None))
+                inp = xs[a.mb] if s == 0 else _take(got, local, "activation", s - 1, a.mb)
                 if s > 0:
                     inp = inp.detach().requires_grad_(inp.is_floating_point())
                 shapes = (a.chunk, tuple(inp.shape), inp.dtype, tuple(ys[a.mb].shape))
@@ -306,11 +306,12 @@ class StageWorker:
                 to_send = out.detach()
             elif a.kind is Kind.B:
                 inp, out = stash.pop((a.chunk, a.mb))
-                grad = None if s == self.last else got.get("gradient", local.pop(("gradient", s + 1, a.mb), None))
+                grad = None if s == self.last else _take(got, local, "gradient", s + 1, a.mb)
                 needs_in = s > 0 and inp.requires_grad
                 if sched.split_backward:  # input gradient now, weight gradient at W
                     params = [q for q in self.chunks[a.chunk].parameters() if q.requires_grad]
-                    g_in, wait_w[(a.chunk, a.mb)] = backward_input(out, grad, inp if needs_in else None, params)
+                    g_in, wait_w[(a.chunk, a.mb)] = backward_input(
+                        out, grad, inp if needs_in else None, params)
                 else:
                     with backward_phase("full"):
                         torch.autograd.backward(out, grad)
@@ -398,6 +399,11 @@ class StageWorker:
             dist.all_reduce(prm.grad, group=group)
 
 
+def _take(got: dict[str, torch.Tensor], local: dict, kind: str, stage: int, mb: int) -> torch.Tensor:
+    """The tensor received for this action, or the one a stage on this rank handed over."""
+    return got[kind] if kind in got else local.pop((kind, stage, mb))
+
+
 def _rank_main(ctx: Context, job: Job) -> dict[str, Any]:
     """What every rank runs: build its stage, run the steps, report."""
     ctx.status("building its stage")
@@ -465,12 +471,22 @@ class RunResult:
         return statistics.median(times[1:] if len(times) > 1 else times)
 
     def _by_rank(self, key: str, replica: int = 0) -> list:
-        return [r[key] for r in sorted(self.ranks, key=lambda r: r["rank"]) if r["replica"] == replica]
+        return [r[key] for r in self._reports(replica)]
+
+    def _reports(self, replica: int = 0) -> list[dict[str, Any]]:
+        """The raw reports of one replica's ranks, in rank order."""
+        return sorted((r for r in self.ranks if r["replica"] == replica), key=lambda r: r["rank"])
 
     @property
     def peak_activation_bytes(self) -> list[int]:
         """Measured peak bytes saved for backward, per rank."""
         return self._by_rank("act_peak_bytes")
+
+    @property
+    def cuda_peak_bytes(self) -> list[int] | None:
+        """``torch.cuda.max_memory_allocated`` per rank in the last step (None on CPU)."""
+        peaks = [r["steps"][-1].get("cuda_peak_bytes") for r in self._reports()]
+        return None if None in peaks else peaks
 
     @property
     def activation_bytes_per_mb(self) -> list[dict[int, int]]:
