@@ -200,11 +200,13 @@ class StageWorker:
         layers = list(job.model)
         names = param_names(layers)
         self.chunks: dict[int, nn.Module] = {}
+        self.chunk_params: dict[int, list[nn.Parameter]] = {}  # for the split backward
         self.params: dict[str, nn.Parameter] = {}
         for c in range(v):
             s = self.sched.stage(self.rank, c)
             part = layers[job.bounds[s]:job.bounds[s + 1]]
             self.chunks[c] = nn.Sequential(*part).to(ctx.device)
+            self.chunk_params[c] = [q for q in self.chunks[c].parameters() if q.requires_grad]
             for layer in part:
                 for prm in layer.parameters():
                     self.params[names[id(prm)]] = prm
@@ -309,9 +311,8 @@ class StageWorker:
                 grad = None if s == self.last else _take(got, local, "gradient", s + 1, a.mb)
                 needs_in = s > 0 and inp.requires_grad
                 if sched.split_backward:  # input gradient now, weight gradient at W
-                    params = [q for q in self.chunks[a.chunk].parameters() if q.requires_grad]
                     g_in, wait_w[(a.chunk, a.mb)] = backward_input(
-                        out, grad, inp if needs_in else None, params)
+                        out, grad, inp if needs_in else None, self.chunk_params[a.chunk])
                 else:
                     with backward_phase("full"):
                         torch.autograd.backward(out, grad)

@@ -83,12 +83,14 @@ def _messages(schedule: Schedule, rank: int, a: Action) -> tuple[tuple[Message, 
 
 def comm_plan(schedule: Schedule) -> list[list[Step]]:
     """Per rank, each action with the messages it receives before and sends after it."""
-    return [[Step(*_pair(schedule, r, a)) for a in order] for r, order in enumerate(schedule.ranks)]
-
-
-def _pair(schedule: Schedule, rank: int, a: Action) -> tuple:
-    recvs, sends = _messages(schedule, rank, a)
-    return recvs, a, sends
+    plan = []
+    for r, order in enumerate(schedule.ranks):
+        steps = []
+        for a in order:
+            recvs, sends = _messages(schedule, r, a)
+            steps.append(Step(recvs, a, sends))
+        plan.append(steps)
+    return plan
 
 
 def format_orders(schedule: Schedule, marks: dict[int, int] | None = None) -> str:
