@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_simulator, run as a script
 
-from minipipe.launch import Context, launch  # noqa: E402
+from minipipe.runtime.launch import Context, launch  # noqa: E402
 from minipipe.models import mlp, mlp_batch  # noqa: E402
 from minipipe.runtime import train  # noqa: E402
 from minipipe.schedules import one_f_one_b  # noqa: E402

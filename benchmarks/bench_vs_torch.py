@@ -1,9 +1,9 @@
 """minipipe next to ``torch.distributed.pipelining``: same model, split, schedule and batch.
 
 Each row trains one model for ``warmup + steps`` SGD steps with minipipe and with torch's
-``PipelineStage`` + schedule class, on ``p`` ranks that :func:`minipipe.launch.launch` starts
+``PipelineStage`` + schedule class, on ``p`` ranks that :func:`minipipe.runtime.launch.launch` starts
 (gloo on CPU, one thread per rank; NCCL when there is a GPU per rank). Both start from the
-same weights (one seed), split them the same way (:func:`minipipe.runtime.split_evenly`,
+same weights (one seed), split them the same way (:func:`minipipe.partition.split_evenly`,
 stage ``c·p + r`` on rank ``r``) and see the same batch, so their losses agree step by step;
 the script asserts they do to 1e-5 — the check that both did the same work. It also records
 the order in which torch ran its actions and says whether it is minipipe's order.
@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minipipe.launch import Context, launch
+from minipipe.runtime.launch import Context, launch
 from minipipe.models import gpt, gpt_loss, mlp, mlp_batch
 from minipipe.runtime import Job, StageWorker, split_evenly, train
 from minipipe.schedules import make_schedule

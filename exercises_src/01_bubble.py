@@ -30,8 +30,9 @@
 # %%
 import matplotlib.pyplot as plt
 
-from minipipe import checks, gpipe, simulate
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe import gpipe, simulate
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # ## 1a. The bubble as a fraction of the step

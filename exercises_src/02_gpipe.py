@@ -22,8 +22,9 @@
 # look.
 
 # %%
-from minipipe import B, F, Schedule, ScheduleError, checks, plot_timeline, simulate, validate
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe import B, F, Schedule, ScheduleError, plot_timeline, simulate, validate
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # A schedule is built from one order per rank, as strings or as lists of actions. Here is naive

@@ -25,8 +25,9 @@
 # look.
 
 # %%
-from minipipe import B, F, Schedule, checks, compare_timelines, gpipe, simulate
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe import B, F, Schedule, compare_timelines, gpipe, simulate
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # ## 3a. Write `one_f_one_b(p, m)`

@@ -23,8 +23,9 @@
 # %%
 import matplotlib.pyplot as plt
 
-from minipipe import checks, gpipe, one_f_one_b
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe import gpipe, one_f_one_b
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # Print the two schedules for `p = 4, m = 6` and count, rank by rank, how many micro-batches are

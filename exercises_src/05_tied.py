@@ -42,8 +42,8 @@
 import torch
 import torch.distributed as dist
 
-from minipipe import checks
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # ## 5a. Write `sync_tied_grad(param, group)`

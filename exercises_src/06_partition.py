@@ -28,9 +28,10 @@
 # look.
 
 # %%
-from minipipe import checks, compare_timelines, one_f_one_b, simulate
-from minipipe.report import verification_checkpoint
-from minipipe.runtime import split_evenly
+from minipipe.course import checks
+from minipipe import compare_timelines, one_f_one_b, simulate
+from minipipe.course.report import verification_checkpoint
+from minipipe.partition import split_evenly
 
 # %% [markdown]
 # ## 6a. Write `partition(costs, stages)`

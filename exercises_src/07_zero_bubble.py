@@ -31,8 +31,9 @@
 # look.
 
 # %%
-from minipipe import Kind, Schedule, W, checks, compare_timelines, one_f_one_b, simulate, zb_h1
-from minipipe.report import verification_checkpoint
+from minipipe import Kind, Schedule, W, compare_timelines, one_f_one_b, simulate, zb_h1
+from minipipe.course import checks
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # The simplest placement, `W` right after its `B`, as a starting point. It validates, but it

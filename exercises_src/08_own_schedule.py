@@ -25,8 +25,9 @@
 # look.
 
 # %%
-from minipipe import Schedule, ScheduleError, checks, plot_timeline, simulate, validate
-from minipipe.report import verification_checkpoint
+from minipipe.course import checks
+from minipipe import Schedule, ScheduleError, plot_timeline, simulate, validate
+from minipipe.course.report import verification_checkpoint
 
 # %% [markdown]
 # A schedule is one string per rank, e.g. `Schedule(["F0 F1 B0 B1", "F0 F1 B0 B1"])` (that one is

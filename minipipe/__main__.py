@@ -4,7 +4,7 @@
     python -m minipipe run --schedule interleaved --stages 2 --microbatches 4 --chunks 2 \\
         --json run.json --plot run.png --trace run.trace.json
     torchrun --nproc-per-node 2 -m minipipe run --schedule 1f1b --stages 2 --microbatches 4
-    python -m minipipe grade ...            # the exercise grader (minipipe.grade)
+    python -m minipipe grade ...            # the exercise grader (minipipe.course.grade)
 
 Exit status: 0 done, 1 the run failed or ``--check`` found a gradient off by more than
 1e-4, 2 bad arguments (one line on stderr). Under ``torchrun`` every process is one rank and
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     run.add_argument("--plot", metavar="FILE.png", help="save predicted vs measured timelines")
     run.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
-    sub.add_parser("grade", help="check the exercises (minipipe.grade; arguments pass through)")
+    sub.add_parser("grade", help="check the exercises (minipipe.course.grade; arguments pass through)")
     return parser
 
 
@@ -62,7 +62,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, list]:
     import torch
     import torch.nn.functional as F
 
-    from .launch import choose_backend, under_torchrun
+    from .runtime.launch import choose_backend, under_torchrun
     from .models import gpt, gpt_loss, mlp, mlp_batch
     from .runtime import ConfigError, check_config
     from .schedules import make_schedule
@@ -140,7 +140,7 @@ def check(result: Any, model: Any, loss_fn: Any, data: list) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .launch import PipelineTimeout, WorkerError
+    from .runtime.launch import PipelineTimeout, WorkerError
     from .runtime import train
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for everyone
@@ -196,11 +196,11 @@ def grade(argv: list[str]) -> int:
     import importlib
 
     try:
-        grader = importlib.import_module("minipipe.grade")
+        grader = importlib.import_module("minipipe.course.grade")
     except ModuleNotFoundError as err:
-        if err.name != "minipipe.grade":
+        if err.name != "minipipe.course.grade":
             raise
-        print("minipipe: error: the grader (minipipe/grade.py) is not in this installation",
+        print("minipipe: error: the grader (minipipe/course/grade.py) is not in this installation",
               file=sys.stderr)
         return 2
     return int(grader.main(argv) or 0)

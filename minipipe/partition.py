@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .runtime import split_evenly
+from .errors import ConfigError
 
-__all__ = ["Partition", "balanced", "by_layers", "by_parameters", "by_type", "by_time",
+__all__ = ["Partition", "split_evenly", "balanced", "by_layers", "by_parameters", "by_type", "by_time",
            "profile_layers"]
 
 Model = nn.Sequential | Sequence[nn.Module]
@@ -90,6 +90,23 @@ class Partition:
             lines.append(f"{s:>5}  {layers:<9} {costs[s]:>10.4g}  {costs[s] / total:>6.1%}{mark}")
         lines.append(f"imbalance (slowest / mean stage): {self.imbalance:.3f}")
         return "\n".join(lines)
+
+
+def split_evenly(num_layers: int, num_stages: int) -> list[int]:
+    """Stage boundaries for contiguous stages of (almost) equal layer count.
+
+    Returns ``bounds`` with ``num_stages + 1`` entries: stage ``s`` holds layers
+    ``bounds[s]:bounds[s + 1]``; the first stages get the extra layers.
+    """
+    if num_stages > num_layers:
+        raise ConfigError(f"{num_stages} stages need at least {num_stages} layers (entries of the "
+                          f"nn.Sequential); the model has {num_layers} (use fewer stages or "
+                          f"chunks, or more layers)")
+    base, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + base + (s < extra))
+    return bounds
 
 
 def _cost(costs: Sequence[float], a: int, b: int) -> float:
@@ -155,7 +172,7 @@ def _layers(model: Model) -> list[nn.Module]:
 def by_layers(model: Model, n: int) -> Partition:
     """The same number of layers per stage; the first stages take the extra ones.
 
-    The same bounds as :func:`minipipe.runtime.split_evenly` (``train``'s default); costs are
+    The same bounds as :func:`split_evenly` (``train``'s default); costs are
     one per layer.
     """
     L = len(_layers(model))

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .simulate import Timeline
+    from .timeline import Timeline
 
-__all__ = ["compare_timelines", "plot_timeline", "text_timeline"]
+__all__ = ["compare_timelines", "plot_timeline"]
 
 _IDLE_COLOR = "#ececec"
 _STYLE = {  # per kind: colour change (< 1 darker, > 1 mixed with white), hatch, text colour
@@ -138,34 +138,3 @@ def compare_timelines(a: Timeline, b: Timeline, titles: tuple[str, str] | None =
     return fig
 
 
-def text_timeline(timeline: Timeline, width: int = 100) -> str:
-    """The timeline as ``p`` lines of text, one per rank, ``width`` characters of time each.
-
-    Legend: each character is ``step_time / width`` of time. An action starts with its label
-    in capitals (``F3`` forward of micro-batch 3, ``B3`` backward, ``W3`` weight gradient;
-    ``1F3`` on chunk 1) and goes on in lower case (``F3fff``); an action too short for its
-    label shows its letter alone. ``.`` is idle.
-
-    Example: ``text_timeline(simulate(one_f_one_b(2, 2), t_f=1, t_b=2), width=27)``::
-
-        0 |F0fF1f......B0bbbb...B1bbbb|
-        1 |...F0fB0bbbbF1fB1bbbb......|
-    """
-    p, t0, step = timeline.p, timeline.start, timeline.step_time
-    rows = [["."] * width for _ in range(p)]
-    if step > 0:
-        scale = width / step
-        show_chunk = timeline.schedule.v > 1
-        for e in sorted(timeline.events, key=lambda e: e.start):
-            row = rows[e.rank]
-            a = min(round((e.start - t0) * scale), width - 1)
-            b = min(max(round((e.end - t0) * scale), a + 1), width)
-            if b - a == 1 and row[a] != ".":
-                continue  # a sliver that rounds onto a cell already drawn
-            label = e.action.label(show_chunk)
-            if b - a < len(label):
-                label = e.action.kind.value
-            fill = e.action.kind.value.lower()
-            row[a:b] = list(label + fill * (b - a - len(label)))
-    digits = len(str(p - 1))
-    return "\n".join(f"{r:>{digits}} |{''.join(row)}|" for r, row in enumerate(rows))

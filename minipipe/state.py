@@ -2,7 +2,7 @@
 
 ``train(..., save_dir=d)`` makes every rank write ``d/rank{global_rank}.pt`` at the end of the
 run: its parameters and optimizer state keyed by parameter *name* (``"3.up.weight"``, the
-names :class:`~minipipe.runtime.RunResult` uses), its buffers, and metadata (schedule, stage
+names :class:`~minipipe.runtime.result.RunResult` uses), its buffers, and metadata (schedule, stage
 bounds, step count, which names it holds). Names, not positions, are what make a checkpoint
 independent of the split: :func:`merge_checkpoint` joins the files into one state for the
 single-process model, :func:`load_into` loads it there, and ``train(..., resume_from=d)``
@@ -19,17 +19,16 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from .runtime import StageWorker
     from .schedules import Schedule
 
-__all__ = ["CheckpointError", "merge_checkpoint", "load_into", "atomic_save", "rank_file",
+__all__ = ["CheckpointError", "param_names", "merge_checkpoint", "load_into", "atomic_save", "rank_file",
            "FORMAT"]
 
 FORMAT = 1  #: version of the file layout
@@ -68,10 +67,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------- writing (ranks)
 
 
+def param_names(layers: Sequence[nn.Module]) -> dict[int, str]:
+    """``id(parameter) -> "layer.name"``; a tied parameter gets the name of its first use."""
+    names: dict[int, str] = {}
+    for i, layer in enumerate(layers):
+        for name, p in layer.named_parameters():
+            names.setdefault(id(p), f"{i}.{name}")
+    return names
+
+
 def layout(model: nn.Sequential) -> dict[str, Any]:
     """Names and shapes of the whole model: parameters, their aliases (tied), and buffers."""
-    from .runtime import param_names
-
     layers = list(model)
     names = param_names(layers)
     shapes, aliases = {}, {}
@@ -103,8 +109,11 @@ def _cpu(value: Any) -> Any:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
-def save_rank(worker: StageWorker, directory: str, meta: dict[str, Any]) -> str:
-    """Write this rank's parameters, buffers and optimizer state by name; returns the path."""
+def save_rank(worker: Any, directory: str, meta: dict[str, Any]) -> str:
+    """Write this rank's parameters, buffers and optimizer state by name; returns the path.
+
+    ``worker`` is the rank's :class:`~minipipe.runtime.stage.StageWorker`.
+    """
     params = {n: _cpu(q) for n, q in worker.params.items()}
     optim = {n: {k: _cpu(v) for k, v in worker.opt.state[q].items()}
              for n, q in worker.params.items() if worker.opt and worker.opt.state.get(q)}
@@ -282,8 +291,6 @@ def load_into(model: nn.Sequential, path_or_state: str | os.PathLike | Mapping[s
     Raises:
         CheckpointError: the checkpoint is unreadable or does not fit the model or optimizer.
     """
-    from .runtime import param_names
-
     state = (dict(path_or_state) if isinstance(path_or_state, Mapping)
              else merge_checkpoint(path_or_state))
     check_model(model, state)

@@ -206,7 +206,7 @@ def test_the_lesson_file_is_left_as_it_was(lesson):
 def _check_panel_follows_controls(ex: bh.ExplorerView, when: str) -> None:
     """The panel in the page must be the one the controls' current values give: the same
     explorer built here, in the test process, from the values the page shows."""
-    from minipipe.widgets import schedule_explorer
+    from minipipe.course.widgets import schedule_explorer
 
     local = schedule_explorer()
     by_label = {c.description: name for name, c in local.controls.items()}

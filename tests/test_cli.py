@@ -68,15 +68,15 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, args, says):
 
 def test_grade_delegates_its_arguments(monkeypatch):
     seen = []
-    fake = types.ModuleType("minipipe.grade")
+    fake = types.ModuleType("minipipe.course.grade")
     fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "minipipe.grade", fake)
+    monkeypatch.setitem(sys.modules, "minipipe.course.grade", fake)
     assert cli.main(["grade", "--exercise", "bubble"]) == 3
     assert seen == [["--exercise", "bubble"]]
 
 
 def test_grade_without_the_grader_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "minipipe.grade", None)  # import fails as if it were absent
+    monkeypatch.setitem(sys.modules, "minipipe.course.grade", None)  # import fails as if it were absent
     assert cli.main(["grade"]) == 2
     assert "minipipe: error:" in capsys.readouterr().err
 

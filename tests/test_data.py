@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minipipe.data import GRAMMAR, Vocab, batches, corpus, split
+from minipipe.course.corpus import GRAMMAR, Vocab, batches, corpus, split
 
 
 def test_the_same_seed_gives_the_same_text():

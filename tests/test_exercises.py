@@ -3,11 +3,11 @@
 Four groups of tests:
 
 - every check rejects the planted wrong answers with the message that names the mistake, and
-  accepts correct answers (these call :mod:`minipipe.checks` directly, no notebooks);
+  accepts correct answers (these call :mod:`minipipe.course.checks` directly, no notebooks);
 - ``exercises/`` and ``solutions/`` are exactly what ``tools/build_exercises.py`` writes;
 - every exercise notebook, as shipped, fails at its first check cell with "not implemented yet"
-  (graded through :func:`minipipe.grade.main`, one row per exercise);
-- :func:`minipipe.grade.main` passes the solutions.
+  (graded through :func:`minipipe.course.grade.main`, one row per exercise);
+- :func:`minipipe.course.grade.main` passes the solutions.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import minipipe.launch
+import minipipe.runtime.launch
 import minipipe.runtime
-from minipipe import B, F, Kind, Schedule, W, checks, gpipe, one_f_one_b
-from minipipe.checks import CheckFailed
+from minipipe import B, F, Kind, Schedule, W, gpipe, one_f_one_b
+from minipipe.course import checks
+from minipipe.course.checks import CheckFailed, ex01_bubble, ex06_partition
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = sorted(p.name for p in (ROOT / "exercises_src").glob("[0-9][0-9]_*.py"))
@@ -263,7 +264,7 @@ def _partition_greedy_inclusive(costs, stages):  # may run out of layers before 
 
 
 def _partition_even(costs, stages):
-    from minipipe.runtime import split_evenly
+    from minipipe.partition import split_evenly
 
     return split_evenly(len(costs), stages)
 
@@ -435,7 +436,7 @@ def no_launch(monkeypatch):
         raise AssertionError("the check started processes for an answer it should reject first")
 
     monkeypatch.setattr(minipipe.runtime, "train", refuse)
-    monkeypatch.setattr(minipipe.launch, "launch", refuse)
+    monkeypatch.setattr(minipipe.runtime.launch, "launch", refuse)
 
 
 @pytest.mark.parametrize("case", WRONG, ids=[f"{k:02d}-{_id(c)}" for k, c in enumerate(WRONG)])
@@ -489,9 +490,9 @@ def test_my_schedule_accepts_another_valid_order():
 
 
 def test_reference_answers_used_by_the_checks():
-    assert [checks.smallest_m(p, t) for p, t in checks._MB_CASES] == [40, 17, 6, 122, 1, 1]
-    assert checks.brute_force_bottleneck([1, 1, 9, 1, 7], 2) == 11
-    assert checks.brute_force_bottleneck([9, 7, 6], 2) == 13
+    assert [ex01_bubble.smallest_m(p, t) for p, t in ex01_bubble._MB_CASES] == [40, 17, 6, 122, 1, 1]
+    assert ex06_partition.brute_force_bottleneck([1, 1, 9, 1, 7], 2) == 11
+    assert ex06_partition.brute_force_bottleneck([9, 7, 6], 2) == 13
 
 
 # ------------------------------------------------------------------ notebooks and grading
@@ -538,7 +539,7 @@ def test_exercises_have_stubs_and_solutions_do_not():
 
 @pytest.fixture(scope="module")
 def graded_exercises(tmp_path_factory):
-    from minipipe import grade
+    from minipipe.course import grade
 
     out = tmp_path_factory.mktemp("grade") / "exercises.json"
     code = grade.main([str(ROOT / "exercises"), "--json", str(out), "--quiet"])
@@ -558,7 +559,7 @@ def test_grade_fails_every_stub_at_its_check(graded_exercises):
 
 def test_grade_passes_solutions(tmp_path):
     """The grader's pass path, on two quick solutions (nbmake already runs all of them)."""
-    from minipipe import grade
+    from minipipe.course import grade
 
     for name in ("01_bubble.ipynb", "06_partition.ipynb"):
         shutil.copy(ROOT / "solutions" / name, tmp_path / name)

@@ -14,10 +14,10 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 from minipipe import formulas  # noqa: E402
-from minipipe.explorers import (checkpoint_explorer, partition_explorer,  # noqa: E402
+from minipipe.course.explorers import (checkpoint_explorer, partition_explorer,  # noqa: E402
                                 stage_step_time, zb_explorer)
 from minipipe.partition import balanced  # noqa: E402
-from minipipe.runtime import split_evenly  # noqa: E402
+from minipipe.partition import split_evenly  # noqa: E402
 from minipipe.schedules import make_schedule  # noqa: E402
 from minipipe.simulate import simulate  # noqa: E402
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minipipe.launch import PipelineTimeout, WorkerError, launch
+from minipipe.runtime.launch import PipelineTimeout, WorkerError, launch
 from minipipe.runtime import reference, train
 from minipipe.schedules import Schedule, make_schedule
 

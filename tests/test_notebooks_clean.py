@@ -2,7 +2,7 @@
 
 Outputs and execution counts are left out of the repository (they are machine-specific and
 make diffs unreadable); every lesson and solution notebook ends with a call to
-``minipipe.report.verification_checkpoint`` so a learner's run closes with the table of what
+``minipipe.course.report.verification_checkpoint`` so a learner's run closes with the table of what
 their machine measured.
 """
 
@@ -70,4 +70,4 @@ def test_notebook_ends_with_verification_checkpoint(path: Path):
     code = [cell for cell in nb.cells if cell.cell_type == "code" and cell.source.strip()]
     assert code, f"{_id(path)} has no code cells"
     assert "verification_checkpoint" in _calls(code[-1].source), (
-        f"{_id(path)}: the last code cell must call minipipe.report.verification_checkpoint(...)")
+        f"{_id(path)}: the last code cell must call minipipe.course.report.verification_checkpoint(...)")

@@ -12,7 +12,7 @@ import torch
 from minipipe.models import gpt, mlp, stand_in
 from minipipe.partition import (Partition, balanced, by_layers, by_parameters, by_time, by_type,
                                 profile_layers)
-from minipipe.runtime import split_evenly
+from minipipe.partition import split_evenly
 
 
 def brute_force(costs: list[float], n: int) -> tuple[float, list[int]]:

@@ -178,7 +178,7 @@ def _forbid_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a process was about to start for a configuration that cannot run")
 
-    monkeypatch.setattr("minipipe.runtime.launch", refuse)
+    monkeypatch.setattr("minipipe.runtime.caller.launch", refuse)
 
 
 @pytest.mark.parametrize("problem", ["batch", "unequal-dp", "layers", "schedule", "bounds",

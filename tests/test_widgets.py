@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from minipipe import formulas  # noqa: E402
 from minipipe.schedules import make_schedule  # noqa: E402
 from minipipe.simulate import simulate  # noqa: E402
-from minipipe.widgets import (Explorer, figures_table, memory_explorer,  # noqa: E402
+from minipipe.course.widgets import (Explorer, figures_table, memory_explorer,  # noqa: E402
                               schedule_explorer)
 
 
@@ -225,7 +225,7 @@ def test_in_a_kernel_the_chart_shows_and_an_invalid_setting_clears_it():
                       if v["model_name"] == "OutputModel"]
         return outputs
 
-    start = ["from minipipe.widgets import schedule_explorer",
+    start = ["from minipipe.course.widgets import schedule_explorer",
              "ex = schedule_explorer(p=4, m=8)\nex", "ex.update(m=5);"]
     shown = chart_outputs(start)
     assert len(shown) == 1 and "image/png" in shown[0]["data"]

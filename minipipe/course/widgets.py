@@ -40,10 +40,10 @@ from typing import Any
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from . import formulas
-from .plot import plot_timeline
-from .schedules import SCHEDULES, make_schedule
-from .simulate import simulate
+from .. import formulas
+from ..plot import plot_timeline
+from ..schedules import SCHEDULES, make_schedule
+from ..simulate import simulate
 
 __all__ = ["Explorer", "schedule_explorer", "memory_explorer", "figures_table"]
 

@@ -1,7 +1,7 @@
 """Explorers for notebooks 06–08: partitioning, activation checkpointing, zero-bubble.
 
-They follow the convention of :mod:`minipipe.widgets` (read its docstring): each function
-returns an :class:`~minipipe.widgets.Explorer`, ``explorer.update(**values)`` redraws once and
+They follow the convention of :mod:`minipipe.course.widgets` (read its docstring): each function
+returns an :class:`~minipipe.course.widgets.Explorer`, ``explorer.update(**values)`` redraws once and
 returns the figures of the panel, and ``explorer.widget`` is what a notebook displays.
 
 - :func:`partition_explorer`: make one layer slower; see how the equal-layer split and the
@@ -22,12 +22,11 @@ from typing import Any
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from . import formulas
-from .partition import Partition, balanced
-from .plot import plot_timeline
-from .runtime import split_evenly
-from .schedules import make_schedule
-from .simulate import simulate
+from .. import formulas
+from ..partition import Partition, balanced, split_evenly
+from ..plot import plot_timeline
+from ..schedules import make_schedule
+from ..simulate import simulate
 from .widgets import Explorer
 
 __all__ = ["partition_explorer", "checkpoint_explorer", "zb_explorer", "stage_step_time",

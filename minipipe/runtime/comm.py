@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .validate import Message
+from ..validate import Message
 
 __all__ = ["P2P", "TensorMeta"]
 

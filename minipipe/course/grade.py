@@ -4,7 +4,7 @@ Usage::
 
     python -m minipipe grade                       # every notebook in exercises/
     python -m minipipe grade exercises/03_1f1b.ipynb
-    python -m minipipe.grade solutions/ --json report.json
+    python -m minipipe.course.grade solutions/ --json report.json
 
 Each notebook runs in a fresh plain ``python3`` Jupyter kernel (nbclient) from its own folder. A
 notebook passes when every cell runs; otherwise its row shows the first failing check's message

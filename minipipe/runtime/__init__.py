@@ -1,0 +1,25 @@
+"""Run a schedule on real ranks. Read it in this order:
+
+- :mod:`~minipipe.runtime.launch`: start one process per rank (or join torchrun), collect
+  results, name the rank that failed.
+- :mod:`~minipipe.runtime.comm`: point-to-point messages between neighbouring stages.
+- :mod:`~minipipe.runtime.stage`: what one rank holds (its chunks, optimizer, groups).
+- :mod:`~minipipe.runtime.interpreter`: one step on one rank: receive, compute, send.
+- :mod:`~minipipe.runtime.autograd`: the activation meter and the split backward (B, W).
+- :mod:`~minipipe.runtime.caller`: :func:`train` and :func:`reference`;
+  :mod:`~minipipe.runtime.result`: :class:`RunResult`.
+"""
+
+from ..errors import ConfigError
+from ..partition import split_evenly
+from ..state import param_names
+from .autograd import ActivationMeter, backward_input, backward_weight
+from .caller import check_config, reference, train
+from .job import Job
+from .launch import PipelineTimeout, WorkerError
+from .result import RunResult
+from .stage import StageWorker
+
+__all__ = ["train", "reference", "RunResult", "ConfigError", "check_config", "Job", "StageWorker",
+           "ActivationMeter", "backward_input", "backward_weight", "WorkerError",
+           "PipelineTimeout", "param_names", "split_evenly"]

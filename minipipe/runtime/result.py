@@ -1,0 +1,152 @@
+"""What a pipeline run measured, as the caller sees it: :class:`RunResult`."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..schedules import Kind, Schedule
+from ..timeline import Event, Timeline
+
+__all__ = ["RunResult"]
+
+
+@dataclass
+class RunResult:
+    """What a pipeline run measured. ``ranks`` holds each rank's raw report."""
+
+    schedule: Schedule
+    ranks: list[dict[str, Any]]
+    dp: int = 1
+    wall_time: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        """Loss of each step on the whole batch (sum of the weighted micro-batch losses)."""
+        steps = len(self.ranks[0]["steps"])
+        return [sum(sum(r["steps"][k]["losses"]) for r in self.ranks) for k in range(steps)]
+
+    def timelines(self, replica: int = 0) -> list:
+        """One measured :class:`~minipipe.timeline.Timeline` per step (seconds)."""
+        mine = [r for r in self.ranks if r["replica"] == replica]
+        out = []
+        for k in range(len(mine[0]["steps"])):
+            events = [Event(r["rank"], a, s, e) for r in mine for (a, s, e) in r["steps"][k]["events"]]
+            out.append(Timeline(self.schedule, sorted(events, key=lambda e: (e.rank, e.start)),
+                                source="measured"))
+        return out
+
+    @property
+    def timeline(self):
+        """The last step's measured timeline (earlier steps include warm-up effects)."""
+        return self.timelines()[-1]
+
+    @property
+    def step_times(self) -> list[float]:
+        return [t.step_time for t in self.timelines()]
+
+    @property
+    def step_time(self) -> float:
+        """Median step time in seconds, leaving out the first step (warm-up) when there are more."""
+        times = self.step_times
+        return statistics.median(times[1:] if len(times) > 1 else times)
+
+    def _by_rank(self, key: str, replica: int = 0) -> list:
+        return [r[key] for r in self._reports(replica)]
+
+    def _reports(self, replica: int = 0) -> list[dict[str, Any]]:
+        """The raw reports of one replica's ranks, in rank order."""
+        return sorted((r for r in self.ranks if r["replica"] == replica), key=lambda r: r["rank"])
+
+    @property
+    def peak_activation_bytes(self) -> list[int]:
+        """Measured peak bytes saved for backward, per rank."""
+        return self._by_rank("act_peak_bytes")
+
+    @property
+    def cuda_peak_bytes(self) -> list[int] | None:
+        """``torch.cuda.max_memory_allocated`` per rank in the last step (None on CPU)."""
+        peaks = [r["steps"][-1].get("cuda_peak_bytes") for r in self._reports()]
+        return None if None in peaks else peaks
+
+    @property
+    def activation_bytes_per_mb(self) -> list[dict[int, int]]:
+        """Measured bytes saved by one micro-batch, per rank and chunk."""
+        return self._by_rank("act_bytes_per_mb")
+
+    @property
+    def predicted_activation_bytes(self) -> list[int]:
+        """Peak per rank predicted from the schedule order × bytes of one micro-batch."""
+        out = []
+        for r, order in enumerate(self.schedule.ranks):
+            per = self.activation_bytes_per_mb[r]
+            live = peak = 0
+            for a in order:
+                freed = Kind.W if self.schedule.split_backward else Kind.B
+                live += per[a.chunk] if a.kind is Kind.F else (-per[a.chunk] if a.kind is freed else 0)
+                peak = max(peak, live)
+            out.append(peak)
+        return out
+
+    @property
+    def messages(self) -> int:
+        """Point-to-point activation/gradient messages per step, all ranks of one replica."""
+        steps = len(self.ranks[0]["steps"])
+        return sum(self._by_rank("messages_sent")) // steps
+
+    @property
+    def bytes_sent(self) -> list[int]:
+        """Bytes each rank sent per step."""
+        steps = len(self.ranks[0]["steps"])
+        return [b // steps for b in self._by_rank("bytes_sent")]
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Gradients of the last step (after tied and data-parallel sums), by parameter name."""
+        return self._merge("grads", lambda r: r["steps"][-1].get("grads"))
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Weights after the last step, by parameter name (tied: the lowest rank's copy)."""
+        return self._merge("params", lambda r: r.get("params"))
+
+    def copies(self, name: str) -> list[torch.Tensor]:
+        """Each rank's copy of parameter ``name`` after the run (tied weights: several)."""
+        return [r["params"][name] for r in self.ranks if r["replica"] == 0 and name in r.get("params", {})]
+
+    def _merge(self, what: str, get: Callable) -> dict[str, torch.Tensor]:
+        merged: dict[str, torch.Tensor] = {}
+        for r in sorted(self.ranks, key=lambda r: (r["replica"], r["rank"])):
+            part = get(r)
+            if part is None:
+                raise ValueError(f"this run did not keep {what}: pass return_{what}=True to train()")
+            for n, t in part.items():
+                merged.setdefault(n, t)
+        return merged
+
+    def summary(self) -> str:
+        """A few readable lines: configuration, step time, bubbles, memory, messages."""
+        tl = self.timeline
+        i = self.info
+        lines = [
+            f"{self.schedule.name}: p={self.schedule.p} m={self.schedule.m} v={self.schedule.v}"
+            f" dp={self.dp} | backend {i.get('backend')} on {i.get('device')}"
+            + (" (CUDA tensors staged through host memory: shows correctness and memory, "
+               "not speed-up)" if i.get("staged") else ""),
+            f"median step time {self.step_time * 1e3:.1f} ms | bubble {tl.bubble_fraction:.1%} of "
+            f"the step, {tl.bubble_overhead:.1%} of useful work (measured, last step)",
+            "peak activation bytes per rank: measured " + str(self.peak_activation_bytes)
+            + ", predicted " + str(self.predicted_activation_bytes),
+            f"messages per step: {self.messages}; losses: " + ", ".join(f"{l:.4f}" for l in self.losses),
+        ]
+        if i.get("ranks_exceed_cores"):
+            lines.append(f"note: {i['world_size']} ranks on {i['cores']} cores: wall-clock timings "
+                         "mix the schedule with CPU contention")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,142 @@
+"""One rank's stage: its chunks of the model, optimizer, tied-weight and data-parallel groups.
+
+:class:`StageWorker` is built once per rank from the :class:`~minipipe.runtime.job.Job`. It
+holds what stays between steps; :mod:`minipipe.runtime.interpreter` runs each step with it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from ..errors import ConfigError
+from ..state import param_names, restore_optimizer
+from ..validate import comm_plan
+from .autograd import ActivationMeter
+from .comm import P2P, TensorMeta
+from .job import Job
+from .launch import Context
+
+__all__ = ["StageWorker"]
+
+
+class StageWorker:
+    """This rank's chunks, optimizer, tied-weight and data-parallel groups."""
+
+    def __init__(self, ctx: Context, job: Job) -> None:
+        self.ctx, self.job, self.sched = ctx, job, job.schedule
+        p, v = self.sched.p, self.sched.v
+        self.replica, self.rank = divmod(ctx.rank, p)
+        self.last = self.sched.num_stages - 1
+        layers = list(job.model)
+        names = param_names(layers)
+        self.chunks: dict[int, nn.Module] = {}
+        self.chunk_params: dict[int, list[nn.Parameter]] = {}  # for the split backward
+        self.params: dict[str, nn.Parameter] = {}
+        for c in range(v):
+            s = self.sched.stage(self.rank, c)
+            part = layers[job.bounds[s]:job.bounds[s + 1]]
+            self.chunks[c] = nn.Sequential(*part).to(ctx.device)
+            self.chunk_params[c] = [q for q in self.chunks[c].parameters() if q.requires_grad]
+            for layer in part:
+                for prm in layer.parameters():
+                    self.params[names[id(prm)]] = prm
+        ckpt = job.checkpoint
+        self.ckpt_stages = set(range(self.last + 1)) if ckpt is True else set(ckpt or ())
+        self.plan = comm_plan(self.sched)[self.rank]
+        self.p2p = P2P(ctx.device, ctx.staged, offset=self.replica * p)
+        self.meta: dict[tuple[str, int], TensorMeta] = {}
+        self.meter = ActivationMeter(list(self.params.values()))
+        self.opt = self._optimizer()
+        if job.opt_state and self.opt:  # resuming: weights came in the model, optimizer state by name
+            restore_optimizer(self.opt, self.params, job.opt_state)
+        self.tie_groups = self._tie_groups(layers, names)
+        self.dp_group = self._dp_group()
+        if job.tie_sync:  # tied copies start identical: broadcast from the lowest holder
+            for name, (group, src) in self.tie_groups.items():
+                dist.broadcast(self.params[name].data, src, group=group)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        params = list(self.params.values())
+        opt = self.job.optimizer
+        if not params or opt == "sgd":  # plain SGD is done in step(): see _sgd_step
+            return None
+        if callable(opt):
+            return opt(params)
+        if opt == "sgd":
+            return torch.optim.SGD(params, lr=self.job.lr)
+        if opt == "adam":
+            return torch.optim.Adam(params, lr=self.job.lr)
+        raise ConfigError(f"optimizer must be 'sgd', 'adam' or a callable, not {opt!r}")
+
+    def _tie_groups(self, layers: list[nn.Module], names: dict[int, str]) -> dict[str, tuple]:
+        """One process group per tied parameter held by several ranks (same order everywhere)."""
+        p = self.sched.p
+        holders: dict[str, set[int]] = defaultdict(set)
+        for s in range(self.last + 1):
+            for layer in layers[self.job.bounds[s]:self.job.bounds[s + 1]]:
+                for prm in layer.parameters():
+                    holders[names[id(prm)]].add(s % p)
+        groups = {}
+        for name in sorted(n for n, h in holders.items() if len(h) > 1):
+            for d in range(self.job.dp):  # every process creates every group, in one order
+                ranks = sorted(d * p + r for r in holders[name])
+                group = dist.new_group(ranks)
+                if d == self.replica and name in self.params:
+                    groups[name] = (group, ranks[0])
+        return groups
+
+    def _dp_group(self) -> Any:
+        if self.job.dp == 1:
+            return None
+        mine = None
+        for r in range(self.sched.p):
+            group = dist.new_group([d * self.sched.p + r for d in range(self.job.dp)])
+            mine = group if r == self.rank else mine
+        return mine
+
+    def optimizer_step(self) -> None:
+        """The update after the flush: torch's optimizer, or plain SGD done here."""
+        if self.opt is not None:
+            self.opt.step()
+        elif self.job.optimizer == "sgd":
+            self._sgd_step()
+
+    @torch.no_grad()
+    def _sgd_step(self) -> None:
+        """``w -= lr · grad``, as torch.optim.SGD does without momentum (building that
+        optimizer imports torch._dynamo: about a second of start-up on every rank)."""
+        for q in self.params.values():
+            if q.grad is not None:
+                q.add_(q.grad, alpha=-self.job.lr)
+
+    def forward(self, chunk: int, stage: int, inp: torch.Tensor) -> torch.Tensor:
+        module = self.chunks[chunk]
+        if stage in self.ckpt_stages:  # keep only the stage input; recompute in backward
+            return torch_checkpoint(module, inp, use_reentrant=False)
+        return module(inp)
+
+    def sync_grads(self) -> None:
+        """After the flush: sum tied copies' gradients, then the same stage's across replicas."""
+        for name, (group, _) in self.tie_groups.items():  # tied copies: sum their gradients
+            if self.job.tie_sync:
+                self._all_reduce(self.params[name], group)
+        if self.dp_group is not None:  # data parallel: sum the same stage across replicas
+            for prm in self.params.values():
+                self._all_reduce(prm, self.dp_group)
+
+    def _all_reduce(self, prm: nn.Parameter, group: Any) -> None:
+        if prm.grad is None:
+            prm.grad = torch.zeros_like(prm)
+        if self.ctx.staged:
+            host = prm.grad.cpu()
+            dist.all_reduce(host, group=group)
+            prm.grad.copy_(host)
+        else:
+            dist.all_reduce(prm.grad, group=group)

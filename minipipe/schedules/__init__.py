@@ -1,0 +1,56 @@
+"""Pipeline schedules as plain data: actions, per-rank orders and the generators.
+
+A schedule says, for every rank, the order in which it runs its compute actions:
+forward ``F``, backward ``B`` and (when the backward is split, zero-bubble style) the
+weight-gradient part ``W`` of micro-batch ``i`` on model chunk ``c``. Nothing here imports
+``torch``: the same object feeds the validator, the simulator, the plots and the runtime.
+
+Notation (used everywhere): ``p`` ranks, ``m`` micro-batches, ``v`` chunks per rank. Chunk
+``c`` of rank ``r`` is pipeline stage ``s = c * p + r`` of ``S = p * v`` stages (Megatron-LM's
+virtual stages). An action prints as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Action, B, F, Kind, Schedule, W, parse_actions
+from .fill_drain import gpipe, naive
+from .interleaved import interleaved
+from .one_f_one_b import one_f_one_b
+from .zero_bubble import zb_h1
+
+__all__ = [
+    "Kind", "Action", "F", "B", "W", "Schedule", "parse_actions",
+    "naive", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "SCHEDULES", "make_schedule",
+]
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "naive": naive,
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved,
+    "zb-h1": zb_h1,
+}
+
+
+def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
+    """Build a schedule by name: ``make_schedule("1f1b", p=4, m=8)``.
+
+    Args:
+        name: one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``.
+        p: ranks. m: micro-batches. v: chunks per rank (``interleaved`` only; default 2 there).
+
+    Raises:
+        ValueError: unknown name, or ``v > 1`` for a schedule without chunks.
+    """
+    key = name.lower().replace("_", "-")
+    key = {"zbh1": "zb-h1", "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
+    if key not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if key == "interleaved":
+        return interleaved(p, m, v if v > 1 else 2)
+    if v != 1:
+        raise ValueError(f"schedule {key!r} has one chunk per rank; v={v} needs 'interleaved'")
+    return SCHEDULES[key](p, m)

@@ -1,0 +1,197 @@
+"""Schedules as plain data: the action, the per-rank orders, and their text form.
+
+A schedule says, for every rank, the order in which it runs its compute actions:
+forward ``F``, backward ``B`` and (when the backward is split, zero-bubble style) the
+weight-gradient part ``W`` of micro-batch ``i`` on model chunk ``c``. Nothing here imports
+``torch``: the same object feeds the validator, the simulator, the plots and the runtime.
+
+Notation (used everywhere): ``p`` ranks, ``m`` micro-batches, ``v`` chunks per rank. Chunk
+``c`` of rank ``r`` is pipeline stage ``s = c * p + r`` of ``S = p * v`` stages (Megatron-LM's
+virtual stages). An action prints as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
+"""
+
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Kind", "Action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes"]
+
+
+class Kind(str, enum.Enum):
+    """What a compute action does."""
+
+    F = "F"  #: forward
+    B = "B"  #: backward (input gradient only when the schedule also has W actions)
+    W = "W"  #: weight gradient (split backward, zero-bubble schedules)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One compute action: ``kind`` of micro-batch ``mb`` on this rank's chunk ``chunk``."""
+
+    kind: Kind
+    mb: int
+    chunk: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        if self.mb < 0 or self.chunk < 0:
+            raise ValueError(f"micro-batch and chunk must be >= 0, got {self.mb}, {self.chunk}")
+
+    def label(self, show_chunk: bool = False) -> str:
+        """``F3``, or ``1F3`` for chunk 1 (the chunk is shown when non-zero or asked for)."""
+        prefix = f"{self.chunk}" if (show_chunk or self.chunk) else ""
+        return f"{prefix}{self.kind.value}{self.mb}"
+
+    def __str__(self) -> str:
+        return self.label()
+
+    def __repr__(self) -> str:
+        return self.label()
+
+    def describe(self) -> str:
+        """Plain words, for error messages: ``B of micro-batch 3`` (``… chunk 1``)."""
+        chunk = f" (chunk {self.chunk})" if self.chunk else ""
+        return f"{self.kind.value} of micro-batch {self.mb}{chunk}"
+
+
+def F(mb: int, chunk: int = 0) -> Action:
+    """Forward of micro-batch ``mb`` on chunk ``chunk``."""
+    return Action(Kind.F, mb, chunk)
+
+
+def B(mb: int, chunk: int = 0) -> Action:
+    """Backward (input gradient if the schedule splits backward) of ``mb`` on ``chunk``."""
+    return Action(Kind.B, mb, chunk)
+
+
+def W(mb: int, chunk: int = 0) -> Action:
+    """Weight-gradient part of the backward of ``mb`` on ``chunk``."""
+    return Action(Kind.W, mb, chunk)
+
+
+_TOKEN = re.compile(r"^(\d*)([FBW])(\d+)$")
+
+
+def parse_actions(text: str) -> tuple[Action, ...]:
+    """Parse ``"F0 F1 B0 1F2"`` (spaces or commas) into actions.
+
+    Raises:
+        ValueError: a token is not of the form ``[chunk]{F,B,W}micro_batch``.
+    """
+    actions = []
+    for token in text.replace(",", " ").split():
+        match = _TOKEN.match(token.strip())
+        if not match:
+            raise ValueError(f"cannot read action {token!r}: write e.g. F3, B3, W3 or 1F3 (chunk 1)")
+        chunk, kind, mb = match.groups()
+        actions.append(Action(Kind(kind), int(mb), int(chunk or 0)))
+    return tuple(actions)
+
+
+def _as_actions(rank: Iterable[Action | str] | str) -> tuple[Action, ...]:
+    if isinstance(rank, str):
+        return parse_actions(rank)
+    out: list[Action] = []
+    for a in rank:
+        out.extend(parse_actions(a) if isinstance(a, str) else [a])
+    if not all(isinstance(a, Action) for a in out):
+        raise TypeError("a rank's order must hold Action objects (F(0), B(0), ...) or strings")
+    return tuple(out)
+
+
+@dataclass(frozen=True, init=False)
+class Schedule:
+    """Per-rank ordered lists of actions; immutable, printable, comparable, picklable.
+
+    Args:
+        ranks: one order per rank: a list of actions, or a string such as ``"F0 F1 B0 B1"``.
+        m: micro-batches per step (default: read off the actions).
+        v: chunks per rank (default: read off the actions).
+        name: shown in plots and summaries.
+
+    Example:
+        >>> Schedule(["F0 F1 B0 B1", "F0 B0 F1 B1"], name="mine").p
+        2
+    """
+
+    ranks: tuple[tuple[Action, ...], ...]
+    m: int
+    v: int
+    name: str
+
+    def __init__(
+        self,
+        ranks: Sequence[Iterable[Action | str] | str],
+        m: int | None = None,
+        v: int | None = None,
+        name: str = "custom",
+    ) -> None:
+        orders = tuple(_as_actions(r) for r in ranks)
+        if not orders:
+            raise ValueError("a schedule needs at least one rank")
+        every = [a for order in orders for a in order]
+        object.__setattr__(self, "ranks", orders)
+        object.__setattr__(self, "m", m if m is not None else 1 + max((a.mb for a in every), default=-1))
+        object.__setattr__(self, "v", v if v is not None else 1 + max((a.chunk for a in every), default=0))
+        object.__setattr__(self, "name", name)
+
+    @property
+    def p(self) -> int:
+        """Number of ranks (pipeline stages when ``v == 1``)."""
+        return len(self.ranks)
+
+    @property
+    def num_stages(self) -> int:
+        """``S = p * v`` pipeline stages."""
+        return self.p * self.v
+
+    @property
+    def split_backward(self) -> bool:
+        """True when backward is split into ``B`` (input grad) and ``W`` (weight grad)."""
+        return any(a.kind is Kind.W for order in self.ranks for a in order)
+
+    def stage(self, rank: int, chunk: int) -> int:
+        """Pipeline stage run by ``chunk`` of ``rank``: ``chunk * p + rank``."""
+        return chunk * self.p + rank
+
+    def place(self, stage: int) -> tuple[int, int]:
+        """``(rank, chunk)`` that runs ``stage``."""
+        return stage % self.p, stage // self.p
+
+    def __iter__(self):
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return self.p
+
+    def __getitem__(self, rank: int) -> tuple[Action, ...]:
+        return self.ranks[rank]
+
+    def __str__(self) -> str:
+        show = self.v > 1
+        width = len(str(self.p - 1))
+        lines = [f"{self.name}: p={self.p} m={self.m} v={self.v}"]
+        for r, order in enumerate(self.ranks):
+            lines.append(f"rank {r:>{width}}: " + " ".join(a.label(show) for a in order))
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the grid
+        printer.text(str(self))
+
+    def __repr__(self) -> str:
+        body = ", ".join(repr(" ".join(a.label(self.v > 1) for a in o)) for o in self.ranks)
+        return f"Schedule([{body}], m={self.m}, v={self.v}, name={self.name!r})"
+
+
+# ---------------------------------------------------------------------------- generators
+
+
+def check_sizes(p: int, m: int) -> None:
+    """The generators' common argument check."""
+    if not (isinstance(p, int) and isinstance(m, int)) or p < 1 or m < 1:
+        raise ValueError(f"need p >= 1 stages and m >= 1 micro-batches, got p={p}, m={m}")

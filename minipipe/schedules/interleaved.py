@@ -1,0 +1,44 @@
+"""Interleaved 1F1B (Megatron-LM): several model chunks per rank."""
+
+from __future__ import annotations
+
+from .base import Action, Kind, Schedule, check_sizes
+
+__all__ = ["interleaved"]
+
+
+def interleaved(p: int, m: int, v: int = 2) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): ``v`` model chunks per rank.
+
+    Micro-batches go through the chunks in groups of ``p``; rank ``r`` warms up with
+    ``2(p − r − 1) + (v − 1)p`` forwards. Bubble ``(p − 1)/(v·m)`` relative to useful work
+    (``(p − 1)/(v·m + p − 1)`` of the step). Peak in-flight (chunk, micro-batch) stashes on
+    rank 0: ``min(v·m, (v − 1)p + 2(p − 1) + 1)``; ``v×`` more messages than 1F1B.
+
+    Raises:
+        ValueError: ``m % p != 0`` (Megatron-LM's requirement) or ``v < 1``.
+    """
+    check_sizes(p, m)
+    if v < 1:
+        raise ValueError(f"need v >= 1 chunks per rank, got v={v}")
+    if m % p:
+        raise ValueError(
+            f"interleaved 1F1B needs the micro-batches to be a multiple of the ranks: "
+            f"m={m} is not a multiple of p={p} (try m={m + (p - m % p)})"
+        )
+    total = m * v  # (chunk, micro-batch) pairs per rank
+
+    def nth(k: int, forward: bool) -> Action:
+        chunk = (k // p) % v  # groups of p micro-batches per chunk
+        mb = (k // (p * v)) * p + k % p
+        return Action(Kind.F if forward else Kind.B, mb, chunk if forward else v - 1 - chunk)
+
+    ranks = []
+    for r in range(p):
+        warmup = total if m == p and v > 1 else min((p - r - 1) * 2 + (v - 1) * p, total)
+        order = [nth(k, True) for k in range(warmup)]  # warm-up
+        for k in range(total - warmup):  # steady state
+            order += [nth(warmup + k, True), nth(k, False)]
+        order += [nth(k, False) for k in range(total - warmup, total)]  # cool-down
+        ranks.append(order)
+    return Schedule(ranks, m=m, v=v, name="interleaved")
