@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Kind", "Action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes"]
+__all__ = ["Kind", "Action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes",
+           "make_placement"]
 
 
 class Kind(str, enum.Enum):
@@ -113,6 +114,11 @@ class Schedule:
         m: micro-batches per step (default: read off the actions).
         v: chunks per rank (default: read off the actions).
         name: shown in plots and summaries.
+        placement: which ``(rank, chunk)`` runs each pipeline stage, in stage order:
+            ``"loop"`` (default; Megatron-LM's ``stage = chunk·p + rank``), ``"v"`` (chunk
+            ``c`` runs stage ``c·p + rank`` for even ``c`` and ``c·p + p − 1 − rank`` for odd
+            ``c``: with two chunks the last stage sits on rank 0, beside the first), or an
+            explicit list of ``(rank, chunk)`` pairs, one per stage.
 
     Example:
         >>> Schedule(["F0 F1 B0 B1", "F0 B0 F1 B1"], name="mine").p
@@ -123,6 +129,7 @@ class Schedule:
     m: int
     v: int
     name: str
+    placement: tuple[tuple[int, int], ...]  #: ``(rank, chunk)`` of each stage, in stage order
 
     def __init__(
         self,
@@ -130,6 +137,7 @@ class Schedule:
         m: int | None = None,
         v: int | None = None,
         name: str = "custom",
+        placement: str | Sequence[tuple[int, int]] = "loop",
     ) -> None:
         orders = tuple(_as_actions(r) for r in ranks)
         if not orders:
@@ -139,6 +147,11 @@ class Schedule:
         object.__setattr__(self, "m", m if m is not None else 1 + max((a.mb for a in every), default=-1))
         object.__setattr__(self, "v", v if v is not None else 1 + max((a.chunk for a in every), default=0))
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "placement", make_placement(placement, len(orders), self.v))
+        stage_of = [[-1] * self.v for _ in orders]
+        for st, (r, c) in enumerate(self.placement):
+            stage_of[r][c] = st
+        object.__setattr__(self, "_stage_of", tuple(map(tuple, stage_of)))
 
     @property
     def p(self) -> int:
@@ -155,13 +168,21 @@ class Schedule:
         """True when backward is split into ``B`` (input grad) and ``W`` (weight grad)."""
         return any(a.kind is Kind.W for order in self.ranks for a in order)
 
+    @property
+    def placement_name(self) -> str:
+        """``"loop"``, ``"v"`` or ``"custom"``."""
+        for name in ("loop", "v"):
+            if self.placement == make_placement(name, self.p, self.v):
+                return name
+        return "custom"
+
     def stage(self, rank: int, chunk: int) -> int:
-        """Pipeline stage run by ``chunk`` of ``rank``: ``chunk * p + rank``."""
-        return chunk * self.p + rank
+        """Pipeline stage run by ``chunk`` of ``rank`` (loop placement: ``chunk * p + rank``)."""
+        return self._stage_of[rank][chunk]
 
     def place(self, stage: int) -> tuple[int, int]:
         """``(rank, chunk)`` that runs ``stage``."""
-        return stage % self.p, stage // self.p
+        return self.placement[stage]
 
     def __iter__(self):
         return iter(self.ranks)
@@ -185,7 +206,35 @@ class Schedule:
 
     def __repr__(self) -> str:
         body = ", ".join(repr(" ".join(a.label(self.v > 1) for a in o)) for o in self.ranks)
-        return f"Schedule([{body}], m={self.m}, v={self.v}, name={self.name!r})"
+        where = self.placement_name
+        extra = "" if where == "loop" else f", placement={where if where != 'custom' else list(self.placement)!r}"
+        return f"Schedule([{body}], m={self.m}, v={self.v}, name={self.name!r}{extra})"
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def make_placement(placement: str | Sequence[tuple[int, int]], p: int,
+                   v: int) -> tuple[tuple[int, int], ...]:
+    """``(rank, chunk)`` of each of the ``p·v`` stages, for a name or an explicit list.
+
+    Raises:
+        ValueError: an unknown name, or a list that is not one stage per ``(rank, chunk)``.
+    """
+    if placement == "loop":
+        return tuple((s % p, s // p) for s in range(p * v))
+    if placement == "v":
+        return tuple(((s % p) if (s // p) % 2 == 0 else p - 1 - s % p, s // p)
+                     for s in range(p * v))
+    if isinstance(placement, str):
+        raise ValueError(f"unknown placement {placement!r}: use 'loop', 'v' or a list of "
+                         "(rank, chunk) pairs, one per stage")
+    out = tuple((int(r), int(c)) for r, c in placement)
+    every = {(r, c) for r in range(p) for c in range(v)}
+    if len(out) != p * v or set(out) != every:
+        raise ValueError(f"a placement must list each of the {p * v} (rank, chunk) pairs once "
+                         f"(p={p}, v={v}), got {list(out)}")
+    return out
 
 
 # ---------------------------------------------------------------------------- generators
