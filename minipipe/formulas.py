@@ -15,6 +15,10 @@ differ (ZB-H1 with ``m < p`` or ``t_w > min(t_f, t_b)``), the docstring says so.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from .schedules.base import make_placement
+
 __all__ = [
     "activation_memory_ratio_interleaved", "bubble_fraction", "bubble_overhead", "ideal_time",
     "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
@@ -146,11 +150,16 @@ def activation_memory_ratio_interleaved(p: int, v: int) -> float:
     return 1 + (p - 1) / (p * v)
 
 
-def messages(p: int, m: int, v: int = 1) -> int:
-    """Point-to-point messages per step: ``2·(p·v − 1)·m`` (0 when ``p = 1``).
+def messages(p: int, m: int, v: int = 1,
+             placement: str | Sequence[tuple[int, int]] = "loop") -> int:
+    """Point-to-point messages per step: ``2·(p·v − 1)·m`` placed as a loop (0 when ``p = 1``).
 
     Each of the ``p·v − 1`` stage boundaries carries one activation forward and one gradient
-    back per micro-batch, and with ``p > 1`` every boundary crosses ranks. The same for every
-    schedule of the package: ``v×`` more (nearly) for interleaved.
+    back per micro-batch, and with the loop placement and ``p > 1`` every boundary crosses
+    ranks: ``v×`` more (nearly) for interleaved than for 1F1B. The V placement keeps the
+    ``v − 1`` turns of the V on one rank (stage ``p − 1`` hands over to stage ``p`` in memory):
+    ``2·v·(p − 1)·m``. Any other placement: two messages per micro-batch per boundary whose
+    two stages sit on different ranks.
     """
-    return 2 * (p * v - 1) * m if p > 1 else 0
+    place = make_placement(placement, p, v)
+    return 2 * m * sum(place[s][0] != place[s + 1][0] for s in range(p * v - 1))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from .schedules import Schedule
     from .timeline import Timeline
 
 __all__ = ["compare_timelines", "plot_timeline"]
@@ -38,6 +39,14 @@ def _colour(mb: int, shade: float) -> tuple[float, float, float]:
         return r * shade, g * shade, b * shade
     w = shade - 1  # mix with white
     return r + (1 - r) * w, g + (1 - g) * w, b + (1 - b) * w
+
+
+def _rank_labels(schedule: Schedule) -> list[str]:
+    """``rank r``; with a placement other than the loop, the stages each rank runs too."""
+    if schedule.placement_name == "loop":
+        return [f"rank {r}" for r in range(schedule.p)]
+    return [f"rank {r}\nstages " + ", ".join(str(schedule.stage(r, c)) for c in range(schedule.v))
+            for r in range(schedule.p)]
 
 
 def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None = None,
@@ -85,7 +94,7 @@ def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None 
                                              zorder=2, label=kind.value))
     ax.set_xlim(0, step if step > 0 else 1)
     ax.set_ylim(p - 0.5, -0.5)  # rank 0 on top
-    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
+    ax.set_yticks(range(p), _rank_labels(timeline.schedule))
     ax.set_xlabel("time")
     ax.set_title(title if title is not None else timeline.title(), fontsize=9, loc="left")
 

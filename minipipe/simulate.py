@@ -23,10 +23,10 @@ from __future__ import annotations
 import gc
 from collections import deque
 from collections.abc import Sequence
-from itertools import compress, repeat
-from operator import add, attrgetter
+from itertools import repeat
 
-from .schedules import Action, Kind, Schedule
+from .dataflow import Invalid, compile_schedule, play
+from .schedules import Action, Schedule
 from .timeline import Event, Timeline
 from .validate import ScheduleError, validate
 
@@ -37,10 +37,6 @@ Cost = float | Sequence[float]  #: one number for every stage, or one per pipeli
 
 
 # ---------------------------------------------------------------------------- the simulator
-
-
-class _Invalid(Exception):
-    """Raised by the fast checks; :func:`simulate` then asks :func:`validate` for the reason."""
 
 
 def _per_stage(name: str, cost: Cost | None, stages: int) -> list[float]:
@@ -75,7 +71,8 @@ def simulate(
 
     Each rank runs its actions in its order, one at a time. ``F`` of stage ``s`` waits for
     ``F`` of stage ``s − 1``, ``B`` of stage ``s`` for ``B`` of stage ``s + 1`` (and its own
-    ``F``), ``W`` for its ``B``; a dependency on another rank adds ``comm``.
+    ``F``), ``W`` for its ``B``; a dependency on another rank (the schedule's placement says
+    which stage runs where) adds ``comm``, one on the same rank nothing.
 
     The schedule is checked as :func:`~minipipe.validate.validate` does (every action once,
     local order, message order, no deadlock), but in time linear in the number of actions;
@@ -111,12 +108,12 @@ def simulate(
     was_enabled = gc.isenabled()
     gc.disable()  # allocating ~10^5 events would trigger many useless collections
     try:
-        plans = _compile(schedule, *costs, float(comm))
-        starts, ends = _run(plans, schedule.p, schedule.m)
+        plans = compile_schedule(schedule, tuple(costs), float(comm))
+        starts, ends = play(plans, schedule.m)
         events: list[Event] = []
         for r, order in enumerate(schedule.ranks):
             events.extend(_events(r, order, starts[r], ends[r]))
-    except _Invalid as err:
+    except Invalid as err:
         validate(schedule)  # raises the full ScheduleError with the schedule drawn
         raise ScheduleError(str(err), schedule) from None  # should not happen
     finally:
@@ -137,113 +134,3 @@ def _events(rank: int, actions: Sequence[Action], starts: list[float],
                          ("end", ends)):
         deque(map(getattr(Event, name).__set__, events, values), maxlen=0)
     return events
-
-
-_Plan = tuple[list[int], list[int], list[float], list[float]]  # keys, deps, lags, durations
-
-
-def _compile(schedule: Schedule, tf: list[float], tb: list[float], tw: list[float],
-             comm: float) -> list[_Plan]:
-    """Per rank: each action's key, its dependency's key, the message lag and the duration.
-
-    Action keys are ``F(s, i) = (s + 1)·m + i``, ``B(s, i) = (S + 1)·m + s·m + i`` and
-    ``W(s, i) = (2S + 1)·m + s·m + i`` for stage ``s`` of ``S``; keys ``0..m−1`` are a stage
-    ``−1`` whose forwards (the input batches) finish at time 0. Each action has exactly one
-    dependency: F(s−1) for F, B(s+1) for B (its own F on the last stage), its own B for W.
-    That is enough: with it, an action placed before one it needs on the same rank makes
-    :func:`_run` find a deadlock. Raises ``_Invalid`` for a missing, repeated or out-of-range
-    action, or messages out of order. Written with ``map`` over columns: it is the hot path.
-    """
-    p, m, v = schedule.p, schedule.m, schedule.v
-    if m < 1 or v < 1:
-        raise _Invalid("the schedule has no actions")
-    kinds = [list(map(attrgetter("kind"), order)) for order in schedule.ranks]
-    split = any(Kind.W in ks for ks in kinds)
-    stages, last = p * v, p * v - 1
-    ms = m * stages
-    n_kinds = 3 if split else 2
-    # row of an action = offset[kind] + chunk; Kind members are singletons, so id() is exact
-    offset = {id(Kind.F): 0, id(Kind.B): v, id(Kind.W): 2 * v}
-    fifo: dict[tuple[int, int], list[list[int]]] = {}  # (src, dst): [sent, received] messages
-    plans = []
-    for r, order in enumerate(schedule.ranks):
-        if len(order) != n_kinds * m * v:
-            raise _Invalid(f"rank {r} has {len(order)} actions, expected {n_kinds * m * v}")
-        # one row per (kind, chunk): key base, dependency base, lag, duration, message peers
-        base, dep, lag, dur, src, dst = [], [], [], [], [], []
-        for kind in range(3):
-            for c in range(v):
-                s = c * p + r
-                prev = (s - 1) % p if s > 0 and (s - 1) % p != r else -1
-                nxt = (s + 1) % p if s < last and (s + 1) % p != r else -1
-                base.append(m + kind * ms + s * m)
-                if kind == 0:  # F needs F of the stage before, received from `prev`
-                    dep.append(s * m)
-                    src.append(prev), dst.append(nxt), dur.append(tf[s])
-                elif kind == 1:  # B needs B of the stage after (from `nxt`); the last, its F
-                    dep.append(m + ms + (s + 1) * m if s < last else m + s * m)
-                    src.append(nxt), dst.append(prev)
-                    dur.append(tb[s] if split else tb[s] + tw[s])
-                else:  # W needs its own B, on this rank
-                    dep.append(m + ms + s * m), src.append(-1), dst.append(-1), dur.append(tw[s])
-                lag.append(comm if src[-1] >= 0 else 0.0)
-        chunks = list(map(attrgetter("chunk"), order))
-        mbs = list(map(attrgetter("mb"), order))
-        if max(chunks) >= v or max(mbs) >= m:
-            raise _Invalid(f"rank {r} runs a micro-batch or chunk outside the schedule")
-        rows = list(map(add, map(offset.__getitem__, map(id, kinds[r])), chunks))
-        keys = list(map(add, map(base.__getitem__, rows), mbs))
-        deps = list(map(add, map(dep.__getitem__, rows), mbs))
-        if len(set(keys)) != len(keys):  # with the count right, also: none is missing
-            raise _Invalid(f"rank {r} runs an action twice")
-        for peer in (set(src) | set(dst)) - {-1}:  # messages in the order they are received/sent
-            fifo.setdefault((peer, r), [[], []])[1] = list(
-                compress(deps, map([q == peer for q in src].__getitem__, rows)))
-            fifo.setdefault((r, peer), [[], []])[0] = list(
-                compress(keys, map([q == peer for q in dst].__getitem__, rows)))
-        plans.append((keys, deps, list(map(lag.__getitem__, rows)),
-                       list(map(dur.__getitem__, rows))))
-    if any(sent != received for sent, received in fifo.values()):
-        raise _Invalid("messages between two ranks are received in another order than sent")
-    return plans
-
-
-def _run(plans: list[_Plan], p: int, m: int) -> tuple[list[list[float]], list[list[float]]]:
-    """Start and end time of every action, rank by rank: the event loop.
-
-    A rank runs its actions in order until one needs a result not computed yet; it then waits
-    (parked under that result's key) and is resumed when the result is computed. Each action
-    is handled once. Raises ``_Invalid`` when ranks are left waiting (deadlock).
-    """
-    size = 1 + max(max(keys) for keys, *_ in plans)
-    finish = [0.0] * m + [-1.0] * (size - m)  # end time of every action, -1: not run yet
-    starts = [[0.0] * len(plan[0]) for plan in plans]
-    free = [0.0] * p  # when each rank is next idle
-    at = [0] * p  # next action of each rank
-    waiting: dict[int, int] = {}  # key of a missing result -> the one rank that can wait for it
-    ready = list(range(p - 1, -1, -1))
-    while ready:
-        r = ready.pop()
-        keys, deps, lags, durs = plans[r]
-        st = starts[r]
-        k, n, t = at[r], len(keys), free[r]
-        while k < n:
-            d = deps[k]
-            done = finish[d]
-            if done < 0:  # blocked: park until the dependency runs
-                waiting[d] = r
-                break
-            done += lags[k]
-            if done > t:
-                t = done
-            st[k] = t
-            t += durs[k]
-            key = keys[k]
-            finish[key] = t
-            if key in waiting:
-                ready.append(waiting.pop(key))
-            k += 1
-        at[r], free[r] = k, t
-    if any(at[r] < len(plans[r][0]) for r in range(p)):
-        raise _Invalid("deadlock: some rank waits for an action that never runs")
-    return starts, [list(map(add, st, plan[3])) for st, plan in zip(starts, plans, strict=True)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .schedules import Action, Kind, Schedule
-from .validate import comm_plan
+from .validate import messages_per_step
 
 __all__ = ["Event", "Timeline", "text_timeline"]
 
@@ -167,8 +167,10 @@ class Timeline:
 
     @property
     def messages(self) -> int:
-        """Point-to-point messages per step (activations forward, gradients backward)."""
-        return sum(len(step.sends) for steps in comm_plan(self.schedule) for step in steps)
+        """Point-to-point messages per step (activations forward, gradients backward): two per
+        micro-batch on every stage boundary that crosses ranks (none between stages that the
+        placement puts on one rank)."""
+        return messages_per_step(self.schedule)
 
     # ------------------------------------------------------------------ reports
 
@@ -194,7 +196,9 @@ class Timeline:
     def title(self) -> str:
         """One line: name, sizes, step time and both bubbles (used by plots and ``str``)."""
         s = self.schedule
-        return (f"{s.name} p={s.p} m={s.m} v={s.v} ({self.source}): step {self.step_time:.4g}, "
+        where = "" if s.placement_name == "loop" else f" {s.placement_name}-placed"
+        return (f"{s.name} p={s.p} m={s.m} v={s.v}{where} ({self.source}): "
+                f"step {self.step_time:.4g}, "
                 f"bubble {self.bubble_fraction:.1%} of step, {self.bubble_overhead:.1%} of work")
 
     def __str__(self) -> str:

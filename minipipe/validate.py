@@ -2,9 +2,12 @@
 
 The runtime moves data with point-to-point messages: after an action a rank posts its sends
 without waiting for them (they are waited for at the end of the step), and before an action
-it waits for the receives that action needs. Messages between two ranks arrive in the order
-they were sent. :func:`dry_run` plays exactly that protocol without processes, so a schedule
-that passes :func:`validate` cannot hang the runtime.
+it waits for the receives that action needs. Every stage boundary that crosses ranks is two
+*channels*, one per direction (the activations of stage ``s`` to ``s + 1``, the gradients of
+``s + 1`` to ``s``), and each channel delivers in the order it is sent, independently of the
+others (a tag per channel). Neighbouring stages on one rank hand tensors over in memory.
+:func:`dry_run` plays exactly that protocol without processes, so a schedule that passes
+:func:`validate` cannot hang the runtime.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .dataflow import Invalid, compile_schedule, crossing_edges, play
 from .schedules import Action, Kind, Schedule
 
-__all__ = ["ScheduleError", "Message", "Step", "comm_plan", "dry_run", "validate", "format_orders"]
+__all__ = ["ScheduleError", "Message", "Step", "comm_plan", "dry_run", "validate", "format_orders",
+           "messages_per_step"]
 
 
 class ScheduleError(ValueError):
@@ -49,6 +54,12 @@ class Message:
     src: int
     dst: int
 
+    @property
+    def channel(self) -> tuple[str, int]:
+        """``(kind, stage)``: activations of stage ``s`` go to ``s + 1``, gradients to ``s − 1``;
+        each channel delivers in the order it is sent, independently of the others."""
+        return (self.kind, self.stage)
+
     def __str__(self) -> str:
         return f"{self.kind} of micro-batch {self.mb} (stage {self.stage}) {self.src}→{self.dst}"
 
@@ -63,21 +74,27 @@ class Step:
 
 
 def _messages(schedule: Schedule, rank: int, a: Action) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
-    """(receives needed before, sends produced after) action ``a`` on ``rank``."""
-    p, last = schedule.p, schedule.num_stages - 1
+    """(receives needed before, sends produced after) action ``a`` on ``rank``.
+
+    The neighbouring stage's rank comes from the schedule's placement; a neighbour on the same
+    rank is handed the tensor in memory (no message).
+    """
+    last, place = schedule.num_stages - 1, schedule.placement
     s = schedule.stage(rank, a.chunk)
+    before = place[s - 1][0] if s > 0 else rank  # rank of stage s - 1 (this one: no message)
+    after = place[s + 1][0] if s < last else rank
     recvs: list[Message] = []
     sends: list[Message] = []
     if a.kind is Kind.F:
-        if s > 0 and (s - 1) % p != rank:
-            recvs.append(Message("activation", a.mb, s - 1, (s - 1) % p, rank))
-        if s < last and (s + 1) % p != rank:
-            sends.append(Message("activation", a.mb, s, rank, (s + 1) % p))
+        if before != rank:
+            recvs.append(Message("activation", a.mb, s - 1, before, rank))
+        if after != rank:
+            sends.append(Message("activation", a.mb, s, rank, after))
     elif a.kind is Kind.B:
-        if s < last and (s + 1) % p != rank:
-            recvs.append(Message("gradient", a.mb, s + 1, (s + 1) % p, rank))
-        if s > 0 and (s - 1) % p != rank:
-            sends.append(Message("gradient", a.mb, s, rank, (s - 1) % p))
+        if after != rank:
+            recvs.append(Message("gradient", a.mb, s + 1, after, rank))
+        if before != rank:
+            sends.append(Message("gradient", a.mb, s, rank, before))
     return tuple(recvs), tuple(sends)
 
 
@@ -91,6 +108,12 @@ def comm_plan(schedule: Schedule) -> list[list[Step]]:
             steps.append(Step(recvs, a, sends))
         plan.append(steps)
     return plan
+
+
+def messages_per_step(schedule: Schedule) -> int:
+    """Point-to-point messages of one step: an activation and a gradient per micro-batch on
+    every stage boundary that crosses ranks."""
+    return 2 * schedule.m * len(crossing_edges(schedule))
 
 
 def format_orders(schedule: Schedule, marks: dict[int, int] | None = None) -> str:
@@ -137,59 +160,54 @@ def _check_complete(schedule: Schedule, m: int, v: int) -> None:
 
 
 def _check_local_deps(schedule: Schedule) -> None:
-    """Dependencies between two chunks on the same rank (only when ``p == 1``)."""
-    last = schedule.num_stages - 1
+    """Neighbouring stages on the same rank: the tensor handed over must exist already."""
+    last, place = schedule.num_stages - 1, schedule.placement
     for r, order in enumerate(schedule.ranks):
         pos = {a: k for k, a in enumerate(order)}
         for a, k in pos.items():
             s = schedule.stage(r, a.chunk)
             dep = None
-            if a.kind is Kind.F and s > 0 and (s - 1) % schedule.p == r:
-                dep = Action(Kind.F, a.mb, (s - 1) // schedule.p)
-            if a.kind is Kind.B and s < last and (s + 1) % schedule.p == r:
-                dep = Action(Kind.B, a.mb, (s + 1) // schedule.p)
+            if a.kind is Kind.F and s > 0 and place[s - 1][0] == r:
+                dep = Action(Kind.F, a.mb, place[s - 1][1])
+            if a.kind is Kind.B and s < last and place[s + 1][0] == r:
+                dep = Action(Kind.B, a.mb, place[s + 1][1])
             if dep is not None and pos[dep] > k:
                 raise ScheduleError(
                     f"rank {r} runs {a.describe()} before {dep.describe()}, which it needs",
                     schedule, r, a, {r: k})
 
 
-def _check_fifo(schedule: Schedule, plan: list[list[Step]]) -> None:
-    sent: dict[tuple[int, int], list[tuple[Message, int]]] = defaultdict(list)
-    received: dict[tuple[int, int], list[tuple[Message, int]]] = defaultdict(list)
-    for r, steps in enumerate(plan):
+def _check_channels(schedule: Schedule, plan: list[list[Step]]) -> None:
+    """Each channel (one stage boundary, one direction) is received in the order it is sent."""
+    sent: dict[tuple[str, int], list[tuple[Message, int]]] = defaultdict(list)
+    received: dict[tuple[str, int], list[tuple[Message, int]]] = defaultdict(list)
+    for steps in plan:
         for k, step in enumerate(steps):
             for msg in step.sends:
-                sent[msg.src, msg.dst].append((msg, k))
+                sent[msg.channel].append((msg, k))
             for msg in step.recvs:
-                received[msg.src, msg.dst].append((msg, k))
-    for (src, dst), recvs in received.items():
-        sends = sent.get((src, dst), [])
-        for (want, k_dst), (got, k_src) in zip(recvs, sends):
+                received[msg.channel].append((msg, k))
+    for channel, recvs in received.items():
+        for (want, k_dst), (got, k_src) in zip(recvs, sent.get(channel, [])):
             if want != got:
+                src, dst = want.src, want.dst
                 a = schedule.ranks[dst][k_dst]
                 show = schedule.v > 1  # with chunks, kind and micro-batch do not name a message
-                want_at = f" (stage {want.stage})" if show else ""
-                got_at = f" (stage {got.stage})" if show else ""
                 raise ScheduleError(
                     f"rank {dst} runs {a.describe()} and waits for the {want.kind} of micro-batch "
-                    f"{want.mb}{want_at} from rank {src}, but rank {src} sends the {got.kind} "
-                    f"of micro-batch {got.mb}{got_at} to it first (after its "
-                    f"{schedule.ranks[src][k_src].label(show)}); messages "
-                    f"between two ranks arrive in the order they are sent",
+                    f"{want.mb}{_at(want, show)} from rank {src}, but rank {src} sends the "
+                    f"{got.kind} of micro-batch {got.mb}{_at(got, show)} on that channel first "
+                    f"(after its {schedule.ranks[src][k_src].label(show)}); each channel (one "
+                    f"stage boundary, one direction) delivers messages in the order they are sent",
                     schedule, dst, a, {dst: k_dst, src: k_src})
 
 
-def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
-    """Play the runtime's message protocol without processes.
+def _at(msg: Message, show: bool) -> str:
+    return f" (stage {msg.stage})" if show else ""
 
-    Returns:
-        Per rank, ``(tick, action)`` pairs: in each tick every rank whose next action has
-        all its messages available runs it. Useful as a timestep × rank grid.
 
-    Raises:
-        ScheduleError: the ranks deadlock; names each stuck rank and what it waits for.
-    """
+def _dry_run_ticks(schedule: Schedule) -> list[list[tuple[int, Action]]]:
+    """The dry run played tick by tick (the plain reference for :func:`dry_run`)."""
     plan = comm_plan(schedule)
     p = schedule.p
     pos = [0] * p
@@ -202,11 +220,12 @@ def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
         if not runnable:
             stuck = [r for r in range(p) if pos[r] < len(plan[r])]
             waits = []
+            show = schedule.v > 1
             for r in stuck:
                 step = plan[r][pos[r]]
-                what = "; ".join(f"the {m.kind} of micro-batch {m.mb} from rank {m.src}"
-                                 for m in step.recvs if m not in posted)
-                waits.append(f"rank {r} waits at {step.action.label(schedule.v > 1)} for {what}")
+                what = "; ".join(f"the {m.kind} of micro-batch {m.mb}{_at(m, show)} from rank "
+                                 f"{m.src}" for m in step.recvs if m not in posted)
+                waits.append(f"rank {r} waits at {step.action.label(show)} for {what}")
             first = stuck[0]
             raise ScheduleError(
                 "deadlock: every unfinished rank waits for a message no rank will send yet.\n  "
@@ -221,12 +240,32 @@ def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
     return ran
 
 
+def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
+    """Play the runtime's message protocol without processes.
+
+    Returns:
+        Per rank, ``(tick, action)`` pairs: in each tick every rank whose next action has
+        all its messages available runs it. Useful as a timestep × rank grid.
+
+    Raises:
+        ScheduleError: the ranks deadlock; names each stuck rank and what it waits for.
+    """
+    try:
+        starts, _ = play(compile_schedule(schedule), schedule.m)
+    except Invalid:
+        return _dry_run_ticks(schedule)  # incomplete or stuck: play it tick by tick
+    return [list(zip(map(int, st), order)) for st, order in zip(starts, schedule.ranks)]
+
+
 def validate(schedule: Schedule, m: int | None = None, v: int | None = None) -> Schedule:
     """Check that ``schedule`` can run, and return it.
 
     Every (chunk, micro-batch) has exactly one F and one B (and W, if any) per rank, in
-    dependency order; messages between each pair of ranks are received in the order they are
-    sent; and the dry run of the message protocol finishes without deadlock.
+    dependency order; each channel is received in the order it is sent; and the dry run of
+    the message protocol finishes without deadlock.
+
+    The checks run in time linear in the number of actions (:mod:`minipipe.dataflow`); when
+    one fails, the plain checks below find the first problem and explain it.
 
     Args:
         schedule: the schedule to check. m, v: expected micro-batches and chunks per rank
@@ -241,8 +280,17 @@ def validate(schedule: Schedule, m: int | None = None, v: int | None = None) -> 
     v = schedule.v if v is None else v
     if m < 1 or not any(schedule.ranks):
         raise ScheduleError("the schedule has no actions", schedule)
+    fast_error = None
+    if (m, v) == (schedule.m, schedule.v):
+        try:
+            play(compile_schedule(schedule), m)
+            return schedule
+        except Invalid as err:
+            fast_error = err  # explain it below
     _check_complete(schedule, m, v)
     _check_local_deps(schedule)
-    _check_fifo(schedule, comm_plan(schedule))
-    dry_run(schedule)
+    _check_channels(schedule, comm_plan(schedule))
+    _dry_run_ticks(schedule)
+    if fast_error is not None:  # the plain checks found nothing: a bug in one of the two
+        raise ScheduleError(f"{fast_error} (but the plain checks pass: please report)", schedule)
     return schedule

@@ -274,7 +274,11 @@ def test_simulate_rejects_exactly_what_validate_rejects(name, p, data):
     (["F0 F1 B0 B1", "F1 F0 B0 B1"], 2, "order"),
     (["F0 F1 B0 B1 F2 B2", "F0 B0 F1 B1 F2 B2"], 2, "micro-batches 0..1"),
     (["1F0 0F0 1B0 0B0"], 1, "before F of micro-batch 0, which it needs"),  # p=1, v=2
-    (["0F0 1F0 1B0 0B0", "0F0 0B0 1F0 1B0"], 1, r"micro-batch 0 \(stage 3\).*\(stage 1\)"),
+    (["0F0 1F0 1B0 0B0", "0F0 0B0 1F0 1B0"], 1,  # separate channels: a deadlock, not a mismatch
+     r"rank 0 waits at 1B0 for the gradient of micro-batch 0 \(stage 3\) from rank 1"),
+    (["0F0 0F1 1F0 1F1 1B0 1B1 0B0 0B1", "0F1 0F0 1F0 1F1 1B0 1B1 0B0 0B1"], 2,
+     r"activation of micro-batch 0 \(stage 1\) from rank 1, but rank 1 sends the activation of "
+     r"micro-batch 1 \(stage 1\) on that channel first"),
 ])
 def test_simulate_raises_the_validator_error(orders, m, words):
     with pytest.raises(ScheduleError, match=words):

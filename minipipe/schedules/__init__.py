@@ -5,9 +5,11 @@ forward ``F``, backward ``B`` and (when the backward is split, zero-bubble style
 weight-gradient part ``W`` of micro-batch ``i`` on model chunk ``c``. Nothing here imports
 ``torch``: the same object feeds the validator, the simulator, the plots and the runtime.
 
-Notation (used everywhere): ``p`` ranks, ``m`` micro-batches, ``v`` chunks per rank. Chunk
-``c`` of rank ``r`` is pipeline stage ``s = c * p + r`` of ``S = p * v`` stages (Megatron-LM's
-virtual stages). An action prints as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
+Notation (used everywhere): ``p`` ranks, ``m`` micro-batches, ``v`` chunks per rank. The
+schedule's ``placement`` says which pipeline stage of ``S = p * v`` each chunk of each rank runs:
+by default chunk ``c`` of rank ``r`` is stage ``s = c * p + r`` (Megatron-LM's virtual stages,
+the "loop"); ``"v"`` folds the pipeline back so the last stage sits on rank 0. An action prints
+as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
 """
 
 from __future__ import annotations
