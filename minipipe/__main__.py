@@ -5,6 +5,7 @@
         --json run.json --plot run.png --trace run.trace.json
     torchrun --nproc-per-node 2 -m minipipe run --schedule 1f1b --stages 2 --microbatches 4
     python -m minipipe grade ...            # the exercise grader (minipipe.course.grade)
+    python -m minipipe plan --model llama3-70b --gpus 512 --batch 1024   # minipipe.planner
 
 Exit status: 0 done, 1 the run failed or ``--check`` found a gradient off by more than
 1e-4, 2 bad arguments (one line on stderr). Under ``torchrun`` every process is one rank and
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plot", metavar="FILE.png", help="save predicted vs measured timelines")
     run.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
     sub.add_parser("grade", help="check the exercises (minipipe.course.grade; arguments pass through)")
+    sub.add_parser("plan", help="rank p, v, dp, t, m, schedule, recomputation for a model on a "
+                                "cluster (minipipe.planner; see plan --help)")
     return parser
 
 
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["grade"]:  # everything after `grade` belongs to the grader
         return grade(argv[1:])
+    if argv[:1] == ["plan"]:  # the planner has its own options
+        from .planner.cli import main as plan_main
+
+        return plan_main(argv[1:], _Parser)
     args = build_parser().parse_args(argv)
     return run(args)
 
