@@ -22,8 +22,17 @@ from dataclasses import replace
 import pytest
 
 from minipipe import formulas
-from minipipe.planner import (HARDWARE, MODELS, Config, Model, activation_bytes_per_layer,
-                              evaluate, layer_flops, plan, state_bytes_per_param)
+from minipipe.planner import (
+    HARDWARE,
+    MODELS,
+    Config,
+    Model,
+    activation_bytes_per_layer,
+    evaluate,
+    layer_flops,
+    plan,
+    state_bytes_per_param,
+)
 
 GPT3 = MODELS["gpt3-175b"]
 A100 = HARDWARE["a100-80gb"]

@@ -8,10 +8,24 @@
 No torch import: everything is arithmetic plus :func:`minipipe.simulate`.
 """
 
-from .costmodel import (HARDWARE, MODELS, RECOMPUTE, Hardware, Model, StageCost,
-                        activation_bytes_per_layer, embedding_activation_bytes, layer_flops,
-                        message_bytes, message_time, output_activation_bytes, output_flops,
-                        stage_costs, state_bytes_per_param, tensor_parallel_time)
+from .costmodel import (
+                        HARDWARE,
+                        MODELS,
+                        RECOMPUTE,
+                        Hardware,
+                        Model,
+                        StageCost,
+                        activation_bytes_per_layer,
+                        embedding_activation_bytes,
+                        layer_flops,
+                        message_bytes,
+                        message_time,
+                        output_activation_bytes,
+                        output_flops,
+                        stage_costs,
+                        state_bytes_per_param,
+                        tensor_parallel_time,
+)
 from .plan import Config, Estimate, Plan, evaluate, plan
 
 __all__ = ["HARDWARE", "MODELS", "RECOMPUTE", "Hardware", "Model", "StageCost",

@@ -305,7 +305,9 @@ MODELS = {
     # Llama 2 7B (Touvron et al. 2023, Table 1 and the released config)
     "llama-7b": Model("llama-7b", 32, 4096, 32, 4096, 32000, ffn=11008, gated=True, flash=True,
                       norm="rmsnorm"),
-    # Llama 3 70B and 405B (Llama 3 paper, Table 3)
+    # Llama 3 8B, 70B and 405B (Llama 3 paper, Table 3)
+    "llama3-8b": Model("llama3-8b", 32, 4096, 32, 8192, 128256, ffn=14336, kv_heads=8,
+                       gated=True, flash=True, norm="rmsnorm"),
     "llama3-70b": Model("llama3-70b", 80, 8192, 64, 8192, 128256, ffn=28672, kv_heads=8,
                         gated=True, flash=True, norm="rmsnorm"),
     "llama3-405b": Model("llama3-405b", 126, 16384, 128, 8192, 128256, ffn=53248, kv_heads=8,

@@ -23,8 +23,16 @@ from .. import formulas
 from ..partition import split_evenly
 from ..schedules import make_schedule
 from ..simulate import simulate
-from .costmodel import (RECOMPUTE, Hardware, Model, StageCost, message_bytes, message_time,
-                        stage_costs, state_bytes_per_param)
+from .costmodel import (
+    RECOMPUTE,
+    Hardware,
+    Model,
+    StageCost,
+    message_bytes,
+    message_time,
+    stage_costs,
+    state_bytes_per_param,
+)
 
 __all__ = ["Config", "Estimate", "Plan", "evaluate", "plan"]
 
