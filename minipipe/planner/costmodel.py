@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 __all__ = ["Model", "Hardware", "StageCost", "RECOMPUTE", "MODELS", "HARDWARE",
            "layer_flops", "output_flops", "activation_bytes_per_layer", "embedding_activation_bytes",
            "output_activation_bytes", "state_bytes_per_param", "message_bytes", "message_time",
-           "tensor_parallel_time", "stage_costs"]
+           "tensor_parallel_time", "block_times", "head_times", "stage_costs"]
 
 RECOMPUTE = ("none", "selective", "full")  #: activation recomputation choices
 GIB = 2**30  # an "80GB" device has 80 GiB (81920 MiB)
@@ -241,12 +241,11 @@ def state_bytes_per_param(zero: bool = False, dp: int = 1) -> float:
 # -------------------------------------------------------------------------------- messages
 
 
-def message_bytes(model: Model, b: int, t: int = 1, sp: bool = False) -> float:
-    """Bytes of one stage-boundary message (an activation or its gradient): ``2·b·s·h``, of
-    which each of the ``t`` tensor-parallel ranks sends ``1/t`` with sequence parallelism (or
-    Megatron-LM's scatter-gather optimisation)."""
-    nbytes = 2.0 * b * model.seq * model.hidden
-    return nbytes / t if sp or t > 1 else nbytes
+def message_bytes(model: Model, b: int, t: int = 1) -> float:
+    """Bytes one rank sends per stage-boundary message (an activation or its gradient):
+    ``2·b·s·h / t``, each of the ``t`` tensor-parallel ranks sending its share (sequence
+    parallelism, or Megatron-LM's scatter-gather optimisation)."""
+    return 2.0 * b * model.seq * model.hidden / t
 
 
 def message_time(hw: Hardware, nbytes: float, cross_node: bool) -> float:
@@ -257,45 +256,65 @@ def message_time(hw: Hardware, nbytes: float, cross_node: bool) -> float:
 # ---------------------------------------------------------------------------------- stages
 
 
+def block_times(model: Model, hw: Hardware, b: int, t: int = 1,
+                recompute: str = "none") -> tuple[float, float, float]:
+    """Seconds of one block per micro-batch on one tensor-parallel rank: ``t_f``, ``t_b``, ``t_w``.
+
+    FLOPs over ``t`` at the device's achievable rate, plus the tensor-parallel collectives
+    (forward and input gradient). Recomputation adds to ``t_b`` one forward of what it
+    recomputes: the whole block for ``full`` (its collectives too), the attention scores for
+    ``selective``.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    f, bi, w = layer_flops(model, b)
+    tp = tensor_parallel_time(model, hw, b, t)
+    redo = {"none": 0.0, "selective": hw.flops_time(_attention_flops(model, b) / t),
+            "full": hw.flops_time(f / t) + tp}[recompute]
+    return hw.flops_time(f / t) + tp, hw.flops_time(bi / t) + tp + redo, hw.flops_time(w / t)
+
+
+def head_times(model: Model, hw: Hardware, b: int, t: int = 1) -> tuple[float, float, float]:
+    """Seconds of the output layer per micro-batch on the last stage: ``t_f``, ``t_b``, ``t_w``."""
+    return tuple(hw.flops_time(x / t) for x in output_flops(model, b))  # type: ignore[return-value]
+
+
+def _attention_flops(model: Model, b: int) -> float:
+    return 4.0 * b * model.seq ** 2 * model.hidden
+
+
 def stage_costs(model: Model, hw: Hardware, bounds: list[int], b: int, t: int = 1,
                 recompute: str = "none") -> list[StageCost]:
     """Per pipeline stage: times per micro-batch and bytes, for blocks split at ``bounds``.
 
     ``bounds`` split the ``L`` blocks (stage ``s`` holds blocks ``bounds[s]:bounds[s+1]``);
-    the embedding joins stage 0 and the output layer the last stage. Sequence parallelism is
-    on whenever ``t > 1``. Recomputation adds one forward of the recomputed part to ``t_b``:
-    the whole stage for ``full``, the attention scores for ``selective``.
+    the embedding joins stage 0 and the output layer (with the final norm) the last stage.
+    Sequence parallelism is on whenever ``t > 1``. Times: :func:`block_times` per block,
+    :func:`head_times` on the last stage (the embedding lookup's time is left out).
     """
     sp = t > 1
-    f, bi, w = layer_flops(model, b)
-    tp = tensor_parallel_time(model, hw, b, t)
-    attention = 4.0 * b * model.seq ** 2 * model.hidden
-    redo = {"none": 0.0, "selective": attention, "full": f}[recompute]  # FLOPs per layer
+    block = block_times(model, hw, b, t, recompute)
+    head = head_times(model, hw, b, t)
     per_layer = activation_bytes_per_layer(model, b, t, sp, recompute)
-    head_f, head_b, head_w = output_flops(model, b)
+    flops = sum(layer_flops(model, b))
+    redo = {"none": 0.0, "selective": _attention_flops(model, b),
+            "full": layer_flops(model, b)[0]}[recompute]
     out = []
     for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         n, first, last = hi - lo, s == 0, s == len(bounds) - 2
-        tf = n * (hw.flops_time(f / t) + tp)
-        tb = n * (hw.flops_time(bi / t) + tp)
-        tw = n * hw.flops_time(w / t)
-        acts = n * per_layer
-        params = n * model.layer_params / t
-        flops = n * (f + bi + w)
+        times = [n * x for x in block]
+        acts, params, work = n * per_layer, n * model.layer_params / t, n * flops
         if first:
             acts += embedding_activation_bytes(model, b, t, sp)
             params += model.embedding_params / t
         if last:
-            tf += hw.flops_time(head_f / t)
-            tb += hw.flops_time(head_b / t)
-            tw += hw.flops_time(head_w / t)
+            times = [x + y for x, y in zip(times, head)]
             acts += output_activation_bytes(model, b, t)
             if not (model.tied and first):
                 params += model.embedding_params / t
             params += model.hidden * (2 if model.norm == "layernorm" else 1)
-            flops += sum(output_flops(model, b))
-        tb += n * (hw.flops_time(redo / t) + (tp if recompute == "full" else 0.0))
-        out.append(StageCost(lo, n, first, last, tf, tb, tw, acts, params, flops, n * redo))
+            work += sum(output_flops(model, b))
+        out.append(StageCost(lo, n, first, last, *times, acts, params, work, n * redo))
     return out
 
 

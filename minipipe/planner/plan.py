@@ -131,7 +131,7 @@ def _comm(model: Model, hw: Hardware, cfg: Config) -> float:
     if cfg.p == 1:
         return 0.0
     cross = cfg.t * cfg.p > hw.gpus_per_node
-    return message_time(hw, message_bytes(model, cfg.b, cfg.t, cfg.t > 1), cross)
+    return message_time(hw, message_bytes(model, cfg.b, cfg.t), cross)
 
 
 def evaluate(model: Model, hw: Hardware, cfg: Config, simulated: bool = True) -> Estimate:
@@ -213,10 +213,10 @@ class Plan:
                 f"{self.hardware.name}, global batch {self.global_batch} sequences of "
                 f"{self.model.seq} tokens: {len(self.feasible)} configurations fit, "
                 f"{len(self.rejected)} do not")
-        rows = [head, f"{'#':>3} {'configuration':<58} {'step s':>8} {'bubble':>7} {'MFU':>6} "
+        rows = [head, f"{'#':>3} {'configuration':<66} {'step s':>8} {'bubble':>7} {'MFU':>6} "
                       f"{'max GiB':>8}  source"]
         for i, e in enumerate(self.feasible[:top]):
-            rows.append(f"{i + 1:>3} {str(e.config):<58} {e.step_time:>8.3f} {e.bubble:>7.1%} "
+            rows.append(f"{i + 1:>3} {str(e.config):<66} {e.step_time:>8.3f} {e.bubble:>7.1%} "
                         f"{e.mfu:>6.1%} {max(e.memory) / 2**30:>8.1f}  {e.source}")
         return "\n".join(rows)
 
