@@ -233,3 +233,16 @@ def test_cli_plan_runs():
     bad = subprocess.run([sys.executable, "-m", "minipipe", "plan", "--gpus", "8", "--batch", "8"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--layers" in bad.stderr
+
+
+def test_planner_explorer():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minipipe.course.planner_explorer import planner_explorer
+
+    ex = planner_explorer(model="llama-7b", gpus=16, global_batch=64)
+    figures = ex.update(model="llama-7b", gpus=32, global_batch=128)
+    assert ex.error is None and "t=" in figures["best"] and ex.figure is not None
+    assert ex.update(model="llama3-405b", gpus=8) == {}
+    assert "no configuration of llama3-405b fits on 8" in ex.error
