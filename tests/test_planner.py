@@ -224,15 +224,18 @@ def test_large_messages_make_v4_lose_to_v2():
     assert free[4] < free[2] and steps[4] > steps[2]
 
 
-def test_cli_plan_runs():
+def test_cli_plan_runs(capsys):
     out = subprocess.run([sys.executable, "-m", "minipipe", "plan", "--model", "llama-7b",
                           "--gpus", "16", "--batch", "64", "--top", "3"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "configurations fit" in out.stdout and "simulated" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "minipipe", "plan", "--gpus", "8", "--batch", "8"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--layers" in bad.stderr
+    from minipipe.__main__ import main
+
+    assert main(["plan", "--gpus", "8", "--batch", "8"]) == 2
+    assert "--layers" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama3-405b", "--gpus", "8", "--batch", "8"]) == 1
+    assert "needs" in capsys.readouterr().err
 
 
 def test_planner_explorer():
