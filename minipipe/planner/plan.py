@@ -252,7 +252,8 @@ def plan(model: Model, hardware: Hardware, global_batch: int, gpus: int, *,
     ``p`` over the divisors of ``gpus / t`` up to the layer count; ``dp = gpus / (t·p)`` must
     divide the batch and ``b`` the per-replica batch; interleaved needs ``m % p == 0`` and
     ``p·v`` layers at least. Feasible ones are ranked by the closed form, and the
-    ``simulate_top`` best are re-estimated by the simulator (then re-sorted).
+    ``simulate_top`` best are re-estimated by the simulator (then re-sorted). With the device
+    count and the global batch fixed, step time, throughput (tokens/s) and MFU rank alike.
     """
     if gpus < 1 or global_batch < 1:
         raise ValueError("gpus and global_batch must be >= 1")
