@@ -4,11 +4,16 @@
 # %% [markdown]
 # # Exercise 1 — the bubble calculator
 #
-# *Goes with notebook 02 (micro-batches and GPipe). About 20 minutes.*
+# *Goes with [notebook 02 (micro-batches and GPipe)](../notebooks/02_gpipe.ipynb). About 20 minutes.*
 #
-# A GPipe step on `p` equal stages with `m` micro-batches has idle time at the start and at the
-# end of every stage: the **bubble**. Two different numbers go by that name, and write-ups mix
-# them up:
+# A GPipe step on `p` equal stages with `m` micro-batches leaves every stage idle for part of
+# the step: the **bubble**. Where the idle time falls depends on the rank. Rank `r` (0-based)
+# waits `r·t_f` at the start (for micro-batch 0 to reach it), `(p − 1 − r)·(t_f + t_b)` in the
+# middle (between its last forward and its first backward, while the later stages finish their
+# forwards and send the gradients back) and `r·t_b` at the end (while the earlier stages finish
+# their backwards). Rank 0's idle time is all in the middle, the last rank's at the two ends;
+# every rank idles `(p − 1)·(t_f + t_b)` in all. Two different numbers go by the name bubble,
+# and write-ups mix them up:
 #
 # - the **fraction of the step** a stage waits: idle time ÷ step time. This is what a stopwatch
 #   measures, and it is always below 1;

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 2 — a GPipe schedule generator
 #
-# *Goes with notebook 02 (micro-batches and GPipe). About 20 minutes.*
+# *Goes with [notebook 02 (micro-batches and GPipe)](../notebooks/02_gpipe.ipynb). About 20 minutes.*
 #
 # In minipipe a schedule is plain data: for every rank, the order in which it runs its compute
 # actions. `F3` is the forward of micro-batch 3 on that rank's stage, `B3` its backward. The

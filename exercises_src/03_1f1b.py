@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 3 — a 1F1B schedule generator
 #
-# *Goes with notebook 03 (1F1B). About 30 minutes.*
+# *Goes with [notebook 03 (1F1B)](../notebooks/03_1f1b.ipynb). About 30 minutes.*
 #
 # GPipe keeps the activations of all `m` micro-batches on every rank until the backwards start.
 # **1F1B** (PipeDream-Flush, Narayanan et al. 2021) starts the backwards as early as it can, so a
@@ -15,9 +15,14 @@
 #    micro-batch still waiting for its backward, again and again until the forwards run out;
 # 3. **cool-down**: the backwards that are left, oldest first.
 #
-# The whole exercise is the warm-up: how many forwards must rank `r` run before its first
-# backward can start without waiting? The last rank computes the loss and needs none. Careful
-# with `m < p`: a rank cannot run more forwards than there are micro-batches.
+# The whole exercise is the warm-up. What is it for? Rank `r`'s first backward (of micro-batch
+# 0) can only start once micro-batch 0 has gone through the `p − 1 − r` later stages and its
+# gradient has come back; even rank 0 waits for it. The warm-up forwards fill that wait: rank
+# `r` keeps `p − r` micro-batches in flight (the warm-up plus the steady phase's first forward),
+# just enough that (with equal stages) a gradient is ready each time the steady phase needs one: it
+# never starves, and no more, which bounds the activations it holds. How many warm-up forwards
+# does that take on rank `r`? The last rank computes the loss and needs none. Careful with
+# `m < p`: a rank cannot run more forwards than there are micro-batches.
 #
 # **How the exercises work.** Replace each `raise NotImplementedError(...)` line (under
 # `# YOUR CODE HERE`) with your code and run the cell, then run the check cell below it. A check

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 4 — predict peak activation memory per rank
 #
-# *Goes with notebook 03 (1F1B). About 20 minutes.*
+# *Goes with [notebook 03 (1F1B)](../notebooks/03_1f1b.ipynb). About 20 minutes.*
 #
 # Between a micro-batch's forward and its backward, a stage keeps the activations autograd
 # saved for the backward. If one micro-batch saves `bytes_per_mb` bytes on a rank, the rank's

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 5 — synchronise a tied weight
 #
-# *Goes with notebook 05 (tied weights). About 20 minutes.*
+# *Goes with [notebook 05 (tied weights)](../notebooks/05_tied_weights.ipynb). About 20 minutes.*
 #
 # Language models often use one matrix twice: as the token embedding (first stage) and as the
 # output projection (last stage). In a pipeline those two stages live on different ranks, so

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 6 — a balanced partitioner
 #
-# *Goes with notebook 06 (partitioning and load balance). About 30 minutes.*
+# *Goes with [notebook 06 (partitioning and load balance)](../notebooks/06_partitioning.ipynb). About 30 minutes.*
 #
 # A pipeline moves at the pace of its slowest stage. Given the measured cost of each layer, in
 # order, split the layers into `stages` **contiguous**, non-empty stages so that the most

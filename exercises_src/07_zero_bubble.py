@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 7 (stretch) — place the weight gradients: zero-bubble ZB-H1
 #
-# *Goes with notebook 08 (beyond: zero-bubble). About 45 minutes.*
+# *Goes with [notebook 08 (zero-bubble)](../notebooks/08_zero_bubble_and_dp.ipynb). About 45 minutes.*
 #
 # A backward does two jobs: the gradient with respect to the stage's **input** (the previous
 # stage is waiting for it) and the gradient with respect to the stage's **weights** (nobody waits

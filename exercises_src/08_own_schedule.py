@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 8 — write a schedule by hand and run it on real ranks
 #
-# *Goes with notebooks 09 (capstone) and 10 (debugging a hung pipeline). About 20 minutes.*
+# *Goes with [notebooks 09 (capstone)](../notebooks/09_capstone_gpt.ipynb) and [10 (debugging a hung pipeline)](../notebooks/10_hang_clinic.ipynb). About 20 minutes.*
 #
 # No generator this time: write, by hand, the order of every action on each of **2 ranks** for
 # **4 micro-batches**, such that **rank 0 never holds more than 2 micro-batches** of activations

@@ -76,13 +76,28 @@ def _call(fn: Callable, args: dict[str, Any], note: str = "") -> Any:
                           + (f"\n{note}" if note else "")) from err
 
 
+# relative tolerance for a float the learner returns: float32's resolution (2^-23 ≈ 1.2e-7)
+# with room for a few roundings. Every check's wrong answers differ by far more than this.
+FLOAT_RTOL = 1e-6
+
+
+def _scalar(value: Any) -> Any:
+    """A Python scalar for a one-element torch tensor or numpy array/scalar (else ``value``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    item = getattr(value, "item", None)  # numpy scalars and one-element arrays
+    if callable(item) and getattr(value, "size", None) == 1 and type(value).__module__ == "numpy":
+        return item()
+    return value
+
+
 def _number(value: Any, label: str) -> float:
-    """The learner's result as a float, or a message saying why it is not a number."""
+    """The learner's result as a float (Python, numpy or torch form), or a message saying why
+    it is not a number."""
     __tracebackhide__ = True
     if value is None:
         raise CheckFailed(f"{label} returned None: did you forget the `return`?")
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise CheckFailed(f"{label} returned {value!r} ({type(value).__name__}); return a number")
     if not math.isfinite(float(value)):
@@ -90,7 +105,31 @@ def _number(value: Any, label: str) -> float:
     return float(value)
 
 
-def _close(a: float, b: float, tol: float = 1e-9) -> bool:
+def _integer(value: Any, label: str, hint: str = "") -> int:
+    """The learner's result as an int: a Python or numpy int, or a one-element integer tensor.
+    A float is refused, even a whole one (``40.0``): the exercise asks for an int."""
+    __tracebackhide__ = True
+    if value is None:
+        raise CheckFailed(f"{label} returned None: did you forget the `return`?")
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CheckFailed(f"{label} returned {value!r} ({type(value).__name__}): return an int"
+                          + (f" ({hint})" if hint else ""))
+    return int(value)
+
+
+def _sequence(value: Any, label: str, what: str) -> list[Any]:
+    """A list from a list, tuple, numpy array or 1-d torch tensor; else a message."""
+    __tracebackhide__ = True
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        if getattr(value, "ndim", 0) == 1:
+            return value.tolist()
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    raise CheckFailed(f"{label} returned {value!r}: return {what}")
+
+
+def _close(a: float, b: float, tol: float = FLOAT_RTOL) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 

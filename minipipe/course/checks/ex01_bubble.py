@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import numbers
+import random
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -11,12 +11,22 @@ from .common import (
     CheckFailed,
     _call,
     _close,
+    _integer,
     _label,
     _number,
     _passed,
 )
 
-_BUBBLE_CASES = [(4, 16), (2, 4), (8, 8), (8, 2), (16, 64), (5, 7), (3, 1), (1, 5)]
+_FIXED_BUBBLE_CASES = [(4, 16), (2, 4), (8, 8), (8, 2), (16, 64), (5, 7), (3, 1), (1, 5), (1, 1),
+                       (2, 1), (64, 3), (7, 300)]
+
+
+def _random_bubble_cases(n: int = 40) -> list[tuple[int, int]]:
+    rng = random.Random(101)
+    return [(rng.randint(1, 64), rng.randint(1, 512)) for _ in range(n)]
+
+
+_BUBBLE_CASES = _FIXED_BUBBLE_CASES + _random_bubble_cases()
 
 
 def _bubble_values(fn: Callable) -> dict[tuple[int, int], float]:
@@ -100,44 +110,97 @@ def check_bubble_overhead(fn: Callable[[int, int], float]) -> None:
             f"{len(_BUBBLE_CASES)} cases (p=4, m=16: {3 / 16:.2%})")
 
 
-_MB_CASES = [(4, 0.07), (8, 0.3), (2, 0.15), (16, 0.11), (4, 0.9), (1, 0.01)]
-
-
 def smallest_m(p: int, target: float) -> int:
-    """Reference answer for :func:`check_micro_batches_for` (a loop: exact, no rounding)."""
+    """Reference answer for :func:`check_micro_batches_for`, in exact rational arithmetic.
+
+    The smallest ``m >= 1`` with ``(p − 1)/(m + p − 1) <= target``, ``target`` taken as the exact
+    value of the float given: ``m >= (p − 1)(1 − target)/target``.
+    """
+    t = Fraction(target)
+    if p == 1 or t >= 1:
+        return 1
+    return max(1, math.ceil(Fraction(p - 1) * (1 - t) / t))
+
+
+def _agree(p: int, target: float) -> bool:
+    """True when float arithmetic and exact arithmetic agree on the answer for this case, for
+    the two usual correct methods (a loop comparing floats, and the float closed form); cases
+    where float rounding alone would decide are left out."""
     m = 1
     while (p - 1) / (m + p - 1) > target:
         m += 1
-    return m
+    closed = max(1, math.ceil((p - 1) / target - (p - 1)))
+    return m == closed == smallest_m(p, target)
+
+
+def _boundary_cases() -> list[tuple[int, float]]:
+    """Targets hit exactly by some m: a strict ``<`` or ``int(x) + 1`` as a ceiling is off by
+    one on each of these."""
+    cases = []
+    for p, m in [(2, 3), (5, 16), (2, 9), (3, 6), (4, 12), (9, 24), (2, 1), (5, 4), (11, 30),
+                 (3, 2), (17, 48), (2, 19), (6, 45), (9, 56), (4, 1)]:
+        target = (p - 1) / (m + p - 1)
+        if _agree(p, target) and smallest_m(p, target) == m:
+            cases.append((p, target))
+    return cases
+
+
+def _random_mb_cases(n: int = 60) -> list[tuple[int, float]]:
+    rng = random.Random(7)
+    cases: list[tuple[int, float]] = []
+    while len(cases) < n:
+        p = rng.randint(1, 64)
+        if rng.random() < 0.5:  # an exact hit of a random m
+            m = rng.randint(1, 400)
+            target = (p - 1) / (m + p - 1) if p > 1 else rng.choice([0.5, 0.01])
+        else:
+            target = round(rng.uniform(0.005, 0.95), rng.randint(2, 4))
+        if _agree(p, target):
+            cases.append((p, target))
+    return cases
+
+
+_MB_CASES = [(4, 0.07), (8, 0.3), (2, 0.15), (16, 0.11), (4, 0.9), (1, 0.01)]
+_ALL_MB_CASES = _MB_CASES + _boundary_cases() + _random_mb_cases()
 
 
 def check_micro_batches_for(fn: Callable[[int, float], int]) -> None:
-    """``fn(p, target)``: the smallest m whose GPipe bubble fraction of the step is <= target."""
+    """``fn(p, target)``: the smallest m whose GPipe bubble fraction of the step is <= target.
+
+    Checked on hand-picked cases, on targets that some m hits exactly (the bubble equals the
+    target: that m counts), and on a random sweep, against the exact rational answer. The answer
+    must be an int (a Python or numpy int, or a one-element integer tensor), not a float.
+    """
     __tracebackhide__ = True
-    for p, target in _MB_CASES:
+    for p, target in _ALL_MB_CASES:
         args = {"p": p, "target": target}
         label = _label(fn, args)
-        got = _call(fn, args)
-        if isinstance(got, float) and got.is_integer():
-            got = int(got)
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise CheckFailed(f"{label} returned {got!r}: return a whole number of micro-batches "
-                              "(an int; round up with math.ceil if you solve for m)")
-        got = int(got)
+        got = _integer(_call(fn, args), label,
+                       "a whole number of micro-batches; math.ceil returns an int, numpy's "
+                       "ceil a float: wrap it in int()")
         if got < 1:
             raise CheckFailed(f"{label} returned {got}: a step has at least one micro-batch")
+        want = smallest_m(p, target)
+        if got == want:
+            continue
+        exact = Fraction(p - 1, want + p - 1) == Fraction(target)
         frac = (p - 1) / (got + p - 1)
-        if frac > target:
-            raise CheckFailed(f"{label} returned m={got}, but then the bubble is {frac:.2%} of the "
-                              f"step, above the target {target:.0%}: too few micro-batches")
-        if got > 1 and (p - 1) / (got - 1 + p - 1) <= target:
-            if got == math.ceil((p - 1) / target):
-                raise CheckFailed(
-                    f"{label} returned m={got}: that is where the overhead (p − 1)/m drops under "
-                    f"{target:.0%}. The target is on the fraction of the step, (idle ÷ step "
-                    "time), which is smaller for the same m: fewer micro-batches are enough.")
-            raise CheckFailed(f"{label} returned m={got}: it meets the target, but a smaller m "
-                              "does too. Return the smallest.")
-    _passed(f"micro_batches_for gives the smallest m on {len(_MB_CASES)} cases")
-
-
+        if got < want:
+            raise CheckFailed(f"{label} returned m={got}, but then the bubble is {frac:.4%} of "
+                              f"the step, above the target {target:.4%}: too few micro-batches "
+                              "(rounding down where a ceiling is needed?)")
+        if exact and got == want + 1:
+            raise CheckFailed(
+                f"{label} returned m={got}, one more than needed: here the target is hit exactly "
+                "(one m gives a bubble equal to the target), and 'at most target' includes "
+                "equality. A strict `<` where `<=` is meant, or `int(x) + 1` used as a ceiling "
+                "(it adds one when x is already whole), gives one too many exactly there.")
+        if p > 1 and got == max(1, math.ceil(Fraction(p - 1) / Fraction(target))):
+            raise CheckFailed(
+                f"{label} returned m={got}: that is where the overhead (p − 1)/m drops under "
+                f"{target:.4%}. The target is on the fraction of the step, (idle ÷ step "
+                "time), which is smaller for the same m: fewer micro-batches are enough.")
+        raise CheckFailed(f"{label} returned m={got}: it meets the target, but a smaller m "
+                          "does too. Return the smallest.")
+    _passed(f"micro_batches_for gives the smallest m on {len(_ALL_MB_CASES)} cases (targets hit "
+            "exactly and a random sweep included, against exact fractions)")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Callable
 
 from ...schedules import gpipe, one_f_one_b
 from .common import (
@@ -16,6 +13,7 @@ from .common import (
     _mlp_job,
     _number,
     _passed,
+    _sequence,
 )
 
 _MEM_CASES = [("gpipe", 4, 8, 100), ("1f1b", 4, 8, 100), ("1f1b", 4, 2, 100), ("1f1b", 2, 4, 3000),
@@ -32,12 +30,7 @@ def _peak_values(fn: Callable, name: str, p: int, m: int, per_mb: int) -> list[f
     __tracebackhide__ = True
     args = {"schedule_name": name, "p": p, "m": m, "bytes_per_mb": per_mb}
     label = _label(fn, args)
-    got = _call(fn, args)
-    if isinstance(got, torch.Tensor):
-        got = got.tolist()
-    if isinstance(got, numbers.Real) or not isinstance(got, Sequence) or isinstance(got, str):
-        raise CheckFailed(f"{label} returned {got!r}: return a list with one number per rank "
-                          f"(p={p} numbers)")
+    got = _sequence(_call(fn, args), label, f"a list with one number per rank (p={p} numbers)")
     if len(got) != p:
         raise CheckFailed(f"{label} returned {len(got)} value(s): return one per rank, p={p}")
     return [_number(v, f"{label}[{r}]") for r, v in enumerate(got)]

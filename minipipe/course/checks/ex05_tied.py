@@ -14,66 +14,100 @@ from .common import (
 )
 
 _TIE = {"vocab": 11, "width": 6, "batch": 8, "steps": 3, "lr": 0.5, "seed": 3}
+# 4 ranks: rank 0 loads the tokens, rank 1 embeds them with its copy of E, rank 2 is a middle
+# stage, rank 3 projects back onto its copy of E. The tie group is ranks 1 and 3: not the world,
+# not "the other rank" 1 − r nor world − 1 − r, and its first member is not rank 0.
+_WORLD, _HOLDERS = 4, (1, 3)
+_PG_TIMEOUT = 10.0  # seconds a receive or collective may block before the rank gives up
 
 
-def _tied_setup() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tied_setup() -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(_TIE["seed"])
     emb = torch.randn(_TIE["vocab"], _TIE["width"], generator=g) * 0.5
     mix = torch.randn(_TIE["width"], _TIE["width"], generator=g) * 0.5
+    mid = torch.randn(_TIE["width"], _TIE["width"], generator=g) * 0.5
     tokens = torch.randint(0, _TIE["vocab"], (_TIE["batch"],), generator=g)
     targets = torch.randint(0, _TIE["vocab"], (_TIE["batch"],), generator=g)
-    return emb, mix, tokens, targets
+    return emb, mix, mid, tokens, targets
 
 
 def _tied_reference() -> dict[str, list[torch.Tensor]]:
-    """One process, one embedding used twice: ``loss(tanh(E[x] A) Eᵀ, y)``, plain SGD."""
-    emb, mix, x, y = _tied_setup()
-    emb, mix = emb.clone().requires_grad_(), mix.clone().requires_grad_()
+    """One process, one embedding used twice: ``loss(tanh(tanh(E[x] A) M) Eᵀ, y)``, plain SGD."""
+    emb, mix, mid, x, y = _tied_setup()
+    params = [t.clone().requires_grad_() for t in (emb, mix, mid)]
+    emb, mix, mid = params
     grads, weights = [], []
     for _ in range(_TIE["steps"]):
-        loss = torch.nn.functional.cross_entropy(torch.tanh(emb[x] @ mix) @ emb.T, y)
-        loss.backward()
+        h = torch.tanh(torch.tanh(emb[x] @ mix) @ mid)
+        torch.nn.functional.cross_entropy(h @ emb.T, y).backward()
         grads.append(emb.grad.clone())
         with torch.no_grad():
-            emb -= _TIE["lr"] * emb.grad
-            mix -= _TIE["lr"] * mix.grad
-        emb.grad = mix.grad = None
+            for q in params:
+                q -= _TIE["lr"] * q.grad
+                q.grad = None
         weights.append(emb.detach().clone())
     return {"grads": grads, "weights": weights}
 
 
-def _tied_rank(ctx: Any, sync: Callable) -> dict[str, list[torch.Tensor]]:
-    """Two stages share one weight: rank 0 embeds the tokens, rank 1 projects back onto it."""
+def _stage(ctx: Any, emb: torch.nn.Parameter, mix: torch.nn.Parameter,
+           mid: torch.nn.Parameter, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward and backward of this rank's stage (messages to and from its neighbours)."""
     import torch.distributed as dist
 
-    emb0, mix0, x, y = _tied_setup()
-    emb = torch.nn.Parameter(emb0.clone())  # this rank's copy of the tied weight
-    mix = torch.nn.Parameter(mix0.clone())  # rank 0 only
-    group = dist.new_group([0, 1])  # the ranks that hold the tied weight
+    shape = (_TIE["batch"], _TIE["width"])
+    if ctx.rank == 0:  # the loader
+        dist.send(x, 1)
+    elif ctx.rank == 1:  # first use of the tied weight
+        tokens = torch.empty_like(x)
+        dist.recv(tokens, 0)
+        h = torch.tanh(emb[tokens] @ mix)
+        dist.send(h.detach(), 2)
+        grad = torch.empty(shape)
+        dist.recv(grad, 2)
+        h.backward(grad)
+    elif ctx.rank == 2:  # a middle stage
+        h = torch.empty(shape)
+        dist.recv(h, 1)
+        h.requires_grad_()
+        out = torch.tanh(h @ mid)
+        dist.send(out.detach(), 3)
+        grad = torch.empty(shape)
+        dist.recv(grad, 3)
+        out.backward(grad)
+        dist.send(h.grad, 1)
+    else:  # second use of the tied weight: the output projection and the loss
+        h = torch.empty(shape)
+        dist.recv(h, 2)
+        h.requires_grad_()
+        torch.nn.functional.cross_entropy(h @ emb.T, y).backward()
+        dist.send(h.grad, 2)
+
+
+def _tied_rank(ctx: Any, sync: Callable) -> dict[str, list[Any]]:
+    import torch.distributed as dist
+
+    emb0, mix0, mid0, x, y = _tied_setup()
+    emb = torch.nn.Parameter(emb0.clone())  # this rank's copy of the tied weight (ranks 1, 3)
+    mix, mid = torch.nn.Parameter(mix0.clone()), torch.nn.Parameter(mid0.clone())
+    group = dist.new_group(list(_HOLDERS))  # every rank takes part in creating it
+    holds = ctx.rank in _HOLDERS
     own, synced, weights, changed = [], [], [], []
     for step in range(_TIE["steps"]):
-        ctx.status(f"step {step}: forward and backward")
-        if ctx.rank == 0:
-            h = torch.tanh(emb[x] @ mix)  # (batch, width): first use of the tied weight
-            dist.send(h.detach(), 1)
-            grad_h = torch.empty_like(h)
-            dist.recv(grad_h, 1)
-            h.backward(grad_h)
+        ctx.status(f"step {step}: forward and backward of its stage")
+        _stage(ctx, emb, mix, mid, x, y)
+        if holds:
+            own.append(emb.grad.clone())
+            before = emb.detach().clone()
+            ctx.status(f"step {step}: inside your sync function (it holds the tied weight)")
+            sync(emb, group)
+            ctx.status(f"step {step}: your sync function returned; SGD step")
+            changed.append(not torch.equal(before, emb.detach()))
+            synced.append(emb.grad.clone() if emb.grad is not None else None)
         else:
-            h = torch.empty(_TIE["batch"], _TIE["width"])
-            dist.recv(h, 0)
-            h.requires_grad_()
-            logits = h @ emb.T  # (batch, vocab): second use of the tied weight
-            torch.nn.functional.cross_entropy(logits, y).backward()
-            dist.send(h.grad, 0)
-        own.append(emb.grad.clone())
-        before = emb.detach().clone()
-        ctx.status(f"step {step}: your sync function")
-        sync(emb, group)
-        changed.append(not torch.equal(before, emb.detach()))
-        synced.append(emb.grad.clone() if emb.grad is not None else None)
+            ctx.status(f"step {step}: done (it holds no copy of the tied weight, so it never "
+                       "calls your function)")
         with torch.no_grad():
-            for prm in ((emb, mix) if ctx.rank == 0 else (emb,)):
+            for prm in {1: (emb, mix), 2: (mid,), 3: (emb,)}.get(ctx.rank, ()):
                 if prm.grad is not None:
                     prm -= _TIE["lr"] * prm.grad
                 prm.grad = None
@@ -81,18 +115,42 @@ def _tied_rank(ctx: Any, sync: Callable) -> dict[str, list[torch.Tensor]]:
     return {"own": own, "synced": synced, "weights": weights, "changed": changed}
 
 
+def _ranks_failed(err: Exception) -> CheckFailed:
+    """A hang or a crash on the ranks, as the check's failure, with each rank's status."""
+    from ...runtime.launch import PipelineTimeout
+
+    status = "".join(f"\n  rank {r}: {s}" for r, s in enumerate(getattr(err, "status", [])))
+    text = getattr(err, "worker_traceback", "") or str(err)
+    blocked = isinstance(err, PipelineTimeout) or any(
+        word in text.lower() for word in ("timed out", "timeout", "closed by peer",
+                                          "connection reset", "broken pipe"))
+    if blocked:
+        why = ("your function waited for a rank that never answered (or that had already "
+               "finished). Only ranks 1 and 3 hold the tied weight and call your function; ranks "
+               "0 and 2 never do. A collective over the default group (the whole world: no "
+               "`group=group`), or a send/recv to a hard-coded rank (such as 1 − rank), waits "
+               "for a rank outside the group. Pass group=group to the collective.")
+    else:
+        rank = getattr(err, "rank", "?")
+        why = (f"your sync function raised on rank {rank} of the real run:\n"
+               + "\n".join(text.rstrip().splitlines()[-8:]))
+    return CheckFailed(f"{why}\nWhat each of the {_WORLD} ranks was doing:{status}")
+
+
 def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[str, float]:
     """``fn(param, group)``: sum ``param.grad`` over the ranks of ``group``, in place, on each rank.
 
-    Runs a two-stage pipeline on 2 real ranks (gloo) whose first and last stage share one
-    embedding matrix, for 3 SGD steps, calling ``fn`` after each backward; then checks that both
-    copies got the single-process gradient and stayed identical.
+    Runs a four-stage pipeline on 4 real ranks (gloo) whose stages on ranks 1 and 3 share one
+    embedding matrix (ranks 0 and 2 hold no copy), for 3 SGD steps, calling ``fn`` on ranks 1
+    and 3 after each backward; then checks that both copies got the single-process gradient and
+    stayed identical. A function that blocks fails within about 10 seconds, with each rank's
+    status.
 
     Returns:
         ``{"max_grad_error", "max_copy_difference"}`` over the steps.
     """
     __tracebackhide__ = True
-    from ...runtime.launch import WorkerError, launch
+    from ...runtime.launch import PipelineTimeout, WorkerError, launch
 
     probe = torch.nn.Parameter(torch.zeros(2))
     probe.grad = torch.ones(2)
@@ -104,10 +162,11 @@ def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[
     except Exception:  # expected: this process has no process group
         pass
     try:
-        out = launch(_tied_rank, 2, fn, backend="gloo", timeout=120)
-    except WorkerError as err:
-        raise CheckFailed(f"your sync function raised on rank {err.rank} of a real run:\n"
-                          f"{err.worker_traceback.rstrip()}") from None
+        out = launch(_tied_rank, _WORLD, fn, backend="gloo", timeout=60 + 2 * _PG_TIMEOUT,
+                     pg_timeout=_PG_TIMEOUT)
+    except (WorkerError, PipelineTimeout) as err:
+        raise _ranks_failed(err) from None
+    out = [out[r] for r in _HOLDERS]
     ref = _tied_reference()
     own, synced = [o["own"] for o in out], [o["synced"] for o in out]
     if any(o["changed"][0] for o in out):
@@ -124,7 +183,7 @@ def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[
     if eq(g0, own[0][0]) and eq(g1, own[1][0]):
         raise CheckFailed(
             "nothing changed: after your function each rank still has only the gradient of its "
-            "own use of the weight (rank 0: the embedding lookup; rank 1: the output "
+            "own use of the weight (rank 1: the embedding lookup; rank 3: the output "
             "projection). The two copies get different updates and drift apart. (If you "
             "all-reduced a copy of the gradient, write the result back into param.grad.)")
     if not eq(g0, g1):
@@ -137,7 +196,7 @@ def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[
             "Averaging is for data parallelism (replicas of one model on different samples); the "
             "two uses of a tied weight are two terms of one loss, and their gradients add up.")
     if eq(g0, own[0][0]) or eq(g0, own[1][0]):
-        src = 0 if eq(g0, own[0][0]) else 1
+        src = _HOLDERS[0] if eq(g0, own[0][0]) else _HOLDERS[1]
         raise CheckFailed(
             f"both ranks now hold rank {src}'s own gradient: that copies one contribution (a "
             "broadcast) and loses the other rank's. The single-process gradient of a weight used "
@@ -155,7 +214,8 @@ def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[
         raise CheckFailed(f"the first step is right, but over {_TIE['steps']} steps the copies "
                           f"differ by {copy_diff:.3g} and the weights from single-process "
                           f"training by {weight_err:.3g}: does your function work on every call?")
-    _passed(f"tied gradients summed on 2 real ranks: {_TIE['steps']} steps, copies identical "
+    _passed(f"tied gradients summed on ranks 1 and 3 of {_WORLD} real ranks: {_TIE['steps']} "
+            "steps, copies identical "
             f"(max difference {copy_diff:.1g}), gradient = single-process "
             f"(max error {grad_err:.1g})")
     return {"max_grad_error": grad_err, "max_copy_difference": copy_diff}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ...schedules import Kind, Schedule
+from ...schedules import Kind, Schedule, naive, one_f_one_b
 from .common import (
     CheckFailed,
     _label,
@@ -43,11 +43,35 @@ def check_schedule_on_ranks(schedule: Schedule, steps: int = 2, atol: float = 1e
     return result
 
 
+def _pipelined(s: Schedule, label: str) -> None:
+    """The point of the exercise: a memory limit *and* pipelining. A simulated step (equal
+    stages, a backward twice a forward) must be no longer than 1F1B's for the same p and m, and
+    every rank's compute must overlap another rank's (not one rank at a time)."""
+    __tracebackhide__ = True
+    from ...simulate import simulate
+
+    times = {"t_f": 1.0, "t_b": 1.0, "t_w": 1.0} if s.split_backward else {"t_f": 1.0, "t_b": 2.0}
+    step = simulate(s, **times).step_time
+    target = simulate(one_f_one_b(s.p, s.m), t_f=1.0, t_b=2.0).step_time
+    if step > target + 1e-9:
+        serial = simulate(naive(s.p, s.m), t_f=1.0, t_b=2.0).step_time
+        what = (" That is the time of running one micro-batch at a time (no pipelining: while "
+                "one rank computes, the other waits)." if step >= serial - 1e-9 else "")
+        raise CheckFailed(
+            f"{label} respects the memory limit, but a simulated step (t_f = 1, backward 2) takes "
+            f"{step:g} time units, where 1F1B takes {target:g} for the same p and m.{what} The "
+            "exercise is about keeping the memory low *while* pipelining: let one rank compute "
+            "the next forward while the other works on the previous micro-batch. Plot "
+            "minipipe.plot_timeline(minipipe.simulate(schedule, 1, 2)) to see the gaps.\n"
+            + _orders(s))
+
+
 def check_my_schedule(fn: Callable[[], Schedule], p: int = 2, m: int = 4,
                       max_inflight: int = 2) -> Any:
     """``fn()``: a hand-written schedule for ``p`` ranks and ``m`` micro-batches holding at most
-    ``max_inflight`` micro-batches of activations on rank 0; run on real ranks, against the
-    single-process reference.
+    ``max_inflight`` micro-batches of activations on rank 0, and pipelined: a simulated step no
+    longer than 1F1B's for the same p and m. Then run on real ranks, against the single-process
+    reference.
 
     Returns:
         The :class:`~minipipe.runtime.RunResult` of the real run.
@@ -67,6 +91,7 @@ def check_my_schedule(fn: Callable[[], Schedule], p: int = 2, m: int = 4,
         raise CheckFailed(f"{label}: rank 0 holds {held} micro-batches of activations at once (F "
                           f"run, backward not yet); the exercise asks for at most {max_inflight}. "
                           "Start backwards sooner.\n" + _orders(s))
+    _pipelined(s, label)
     result = check_schedule_on_ranks(s)
     per_mb = result.activation_bytes_per_mb[0][0]
     measured = result.peak_activation_bytes[0]
