@@ -183,7 +183,7 @@ def check_micro_batches_for(fn: Callable[[int, float], int]) -> None:
         want = smallest_m(p, target)
         if got == want:
             continue
-        exact = Fraction(p - 1, want + p - 1) == Fraction(target)
+        exact = (p - 1) / (want + p - 1) == target  # the target is hit (as a float)
         frac = (p - 1) / (got + p - 1)
         if got < want:
             raise CheckFailed(f"{label} returned m={got}, but then the bubble is {frac:.4%} of "

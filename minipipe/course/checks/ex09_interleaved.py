@@ -51,6 +51,9 @@ def _groups_message(label: str, r: int, got: list[tuple[int, int]], p: int, m: i
 def _check_sequences(label: str, s: Schedule, ref: Schedule) -> None:
     __tracebackhide__ = True
     p, m, v = s.p, s.m, s.v
+    for order, want in zip(s.ranks, ref.ranks):
+        if sorted(order, key=str) != sorted(want, key=str):  # missing or extra actions
+            _validated(s, label)  # its message names them
     for r, (order, want) in enumerate(zip(s.ranks, ref.ranks)):
         got_f, want_f = _sequence_of(order, Kind.F), _sequence_of(want, Kind.F)
         if got_f != want_f:
