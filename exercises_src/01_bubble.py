@@ -94,7 +94,8 @@ print(f"simulated timeline: {timeline.bubble_fraction:.2%} of the step, "
 # ## 1d. How many micro-batches for a target bubble?
 #
 # Write `micro_batches_for(p, target)`: the **smallest** `m` for which the bubble fraction of the
-# step is at most `target` (a fraction, e.g. `0.05`). Return an `int`.
+# step is at most `target` (a fraction, e.g. `0.05`). Return an `int` (a Python or numpy int; a
+# float is refused, even a whole one such as `40.0`: `numpy.ceil` returns floats).
 
 # %%
 def micro_batches_for(p: int, target: float) -> int:

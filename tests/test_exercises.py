@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import minipipe.runtime.launch
 import minipipe.runtime
+import minipipe.runtime.launch
 from minipipe import (
     B,
     F,
@@ -133,7 +133,12 @@ def place_w(p, m, lag=lambda p, r: r):
     return Schedule(ranks, m=m)
 
 
-def my_schedule_other():  # not the solution's order: rank 1 runs two forwards ahead
+def my_schedule_other():  # not the solution's order: split backwards, W's put off a little
+    return Schedule(["F0 F1 B0 W0 F2 B1 W1 F3 B2 W2 B3 W3",
+                     "F0 B0 F1 W0 B1 F2 W1 B2 F3 W2 B3 W3"], name="mine")
+
+
+def my_schedule_slow():  # valid, at most 2 in flight, but rank 1 runs two forwards ahead
     return Schedule(["F0 F1 B0 F2 B1 F3 B2 B3", "F0 F1 B0 B1 F2 F3 B2 B3"], name="mine")
 
 
@@ -590,6 +595,7 @@ WRONG = [
      "no pipelining"),
     (checks.check_my_schedule, lambda: Schedule(["F0 F1 B0 B1 F2 F3 B2 B3"] * 2),
      "takes 18 time units, where 1F1B takes 15"),
+    (checks.check_my_schedule, my_schedule_slow, "takes 18 time units, where 1F1B takes 15"),
     # exercise 9: interleaved 1F1B
     (checks.check_interleaved, stub, NOT_IMPLEMENTED),
     (checks.check_interleaved, lambda p, m, v: one_f_one_b(p, m), "v=1 chunk"),
@@ -702,6 +708,7 @@ def test_tied_sync_accepts_the_sum(capsys):
 def test_my_schedule_accepts_another_valid_order():
     result = checks.check_my_schedule(my_schedule_other)
     assert result.peak_activation_bytes[0] <= 2 * result.activation_bytes_per_mb[0][0]
+    assert result.schedule.split_backward
 
 
 def test_reference_answers_used_by_the_checks():

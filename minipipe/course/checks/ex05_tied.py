@@ -137,37 +137,9 @@ def _ranks_failed(err: Exception) -> CheckFailed:
     return CheckFailed(f"{why}\nWhat each of the {_WORLD} ranks was doing:{status}")
 
 
-def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[str, float]:
-    """``fn(param, group)``: sum ``param.grad`` over the ranks of ``group``, in place, on each rank.
-
-    Runs a four-stage pipeline on 4 real ranks (gloo) whose stages on ranks 1 and 3 share one
-    embedding matrix (ranks 0 and 2 hold no copy), for 3 SGD steps, calling ``fn`` on ranks 1
-    and 3 after each backward; then checks that both copies got the single-process gradient and
-    stayed identical. A function that blocks fails within about 10 seconds, with each rank's
-    status.
-
-    Returns:
-        ``{"max_grad_error", "max_copy_difference"}`` over the steps.
-    """
+def _first_step(out: list[dict[str, Any]], ref: dict[str, list[torch.Tensor]]) -> None:
+    """The first step's gradients on the two holders, against single-process training."""
     __tracebackhide__ = True
-    from ...runtime.launch import PipelineTimeout, WorkerError, launch
-
-    probe = torch.nn.Parameter(torch.zeros(2))
-    probe.grad = torch.ones(2)
-    try:  # a stub fails here, before any process starts
-        fn(probe, None)
-    except NotImplementedError as err:
-        raise _not_implemented(f"{getattr(fn, '__name__', 'your function')}(param, group)",
-                               err) from None
-    except Exception:  # expected: this process has no process group
-        pass
-    try:
-        out = launch(_tied_rank, _WORLD, fn, backend="gloo", timeout=60 + 2 * _PG_TIMEOUT,
-                     pg_timeout=_PG_TIMEOUT)
-    except (WorkerError, PipelineTimeout) as err:
-        raise _ranks_failed(err) from None
-    out = [out[r] for r in _HOLDERS]
-    ref = _tied_reference()
     own, synced = [o["own"] for o in out], [o["synced"] for o in out]
     if any(o["changed"][0] for o in out):
         raise CheckFailed("your function changed the tied weight itself: it should only change its "
@@ -206,7 +178,41 @@ def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[
         raise CheckFailed(f"the copies agree, but their gradient differs from the single-process "
                           f"one by up to {err:.3g}: the tied gradient is the sum of the ranks' "
                           "gradients, once")
-    grad_err = max((s - w).abs().max().item() for s, w in zip(synced[0], ref["grads"]))
+
+
+def check_tied_grad_sync(fn: Callable[[torch.nn.Parameter, Any], None]) -> dict[str, float]:
+    """``fn(param, group)``: sum ``param.grad`` over the ranks of ``group``, in place, on each rank.
+
+    Runs a four-stage pipeline on 4 real ranks (gloo) whose stages on ranks 1 and 3 share one
+    embedding matrix (ranks 0 and 2 hold no copy), for 3 SGD steps, calling ``fn`` on ranks 1
+    and 3 after each backward; then checks that both copies got the single-process gradient and
+    stayed identical. A function that blocks fails within about 10 seconds, with each rank's
+    status.
+
+    Returns:
+        ``{"max_grad_error", "max_copy_difference"}`` over the steps.
+    """
+    __tracebackhide__ = True
+    from ...runtime.launch import PipelineTimeout, WorkerError, launch
+
+    probe = torch.nn.Parameter(torch.zeros(2))
+    probe.grad = torch.ones(2)
+    try:  # a stub fails here, before any process starts
+        fn(probe, None)
+    except NotImplementedError as err:
+        raise _not_implemented(f"{getattr(fn, '__name__', 'your function')}(param, group)",
+                               err) from None
+    except Exception:  # expected: this process has no process group
+        pass
+    try:
+        out = launch(_tied_rank, _WORLD, fn, backend="gloo", timeout=60 + 2 * _PG_TIMEOUT,
+                     pg_timeout=_PG_TIMEOUT)
+    except (WorkerError, PipelineTimeout) as err:
+        raise _ranks_failed(err) from None
+    out = [out[r] for r in _HOLDERS]
+    ref = _tied_reference()
+    _first_step(out, ref)
+    grad_err = max((s - w).abs().max().item() for s, w in zip(out[0]["synced"], ref["grads"]))
     copy_diff = max((a - b).abs().max().item()
                     for a, b in zip(out[0]["weights"], out[1]["weights"]))
     weight_err = max((a - w).abs().max().item() for a, w in zip(out[0]["weights"], ref["weights"]))
