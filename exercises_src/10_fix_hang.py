@@ -9,9 +9,9 @@
 #
 # Three hand-written schedules are broken. Two would **hang** on real ranks (a rank waits in a
 # receive for a message nobody sends yet); one would **not hang but train on the wrong data**:
-# messages between two ranks are received in the order they are sent, so a rank that sends two
-# gradients in the wrong order makes its neighbour apply micro-batch 1's gradient to
-# micro-batch 0, silently.
+# messages over one link (one stage boundary, one direction) are received in the order they are
+# sent, so a rank that sends two gradients in the wrong order makes its neighbour apply
+# micro-batch 1's gradient to micro-batch 0, silently.
 #
 # For each one, make the **smallest change** that makes it valid: keep every action on every
 # rank, and move as few as you can (one is enough for each). Read the validator's message

@@ -504,7 +504,7 @@ WRONG = [
     (checks.check_gpipe, _g(lambda p, m: [[B(i) for i in range(m)] + [F(i) for i in range(m)]] * p),
      "minipipe.validate: rank 0 runs B of micro-batch 0 before its F"),
     (checks.check_gpipe, _mixed_backward_order,
-     "minipipe.validate: .*messages between two ranks arrive in the order they are sent"),
+     "minipipe.validate: .*delivers messages in the order they are sent"),
     (checks.check_gpipe, _rank0_naive_rest_gpipe, "minipipe.validate: deadlock"),
     (checks.check_gpipe, one_f_one_b, "not fill–drain"),
     (checks.check_gpipe, _g(lambda p, m: [[F(i) for i in reversed(range(m))]
