@@ -183,3 +183,18 @@ def _peak_until(order: Sequence[Action], release: Kind) -> int:
         held -= a.kind is release
         peak = max(peak, held)
     return peak
+
+
+def _train(*args: Any, **kwargs: Any) -> Any:
+    """:func:`minipipe.train` for a check: a hang or a crash on the ranks becomes the check's
+    :class:`CheckFailed`, with each rank's status (a short timeout: these runs take seconds)."""
+    __tracebackhide__ = True
+    from ...runtime import train
+    from ...runtime.launch import PipelineTimeout, WorkerError
+
+    kwargs.setdefault("timeout", 120.0)
+    kwargs.setdefault("pg_timeout", 30.0)
+    try:
+        return train(*args, **kwargs)
+    except (PipelineTimeout, WorkerError) as err:
+        raise CheckFailed(f"the run on real ranks failed: {err}") from None

@@ -14,6 +14,7 @@ from .common import (
     _number,
     _passed,
     _sequence,
+    _train,
 )
 
 _MEM_CASES = [("gpipe", 4, 8, 100), ("1f1b", 4, 8, 100), ("1f1b", 4, 2, 100), ("1f1b", 2, 4, 3000),
@@ -100,13 +101,11 @@ def check_peak_activation_on_ranks(fn: Callable[[str, int, int, int], list[int]]
         ``{schedule_name: [{"rank", "bytes_per_mb", "predicted", "measured"}, ...]}``.
     """
     __tracebackhide__ = True
-    from ...runtime import train
-
     _peak_cases(fn)  # wrong on paper: fail before starting any process
     model, loss_fn, batch = _mlp_job(m)
     table: dict[str, list[dict[str, int]]] = {}
     for name, make in (("gpipe", gpipe), ("1f1b", one_f_one_b)):
-        result = train(model, loss_fn, make(p, m), batch)
+        result = _train(model, loss_fn, make(p, m), batch)
         rows = []
         for r in range(p):
             per_mb = result.activation_bytes_per_mb[r][0]

@@ -14,6 +14,7 @@ from .common import (
     _passed,
     _peak_until,
     _schedule,
+    _train,
     _validated,
 )
 
@@ -25,13 +26,13 @@ def check_schedule_on_ranks(schedule: Schedule, steps: int = 2, atol: float = 1e
         The :class:`~minipipe.runtime.RunResult` (for its timeline, memory, messages).
     """
     __tracebackhide__ = True
-    from ...runtime import reference, train
+    from ...runtime import reference
 
     if not isinstance(schedule, Schedule):
         raise CheckFailed(f"expected a minipipe Schedule, got {type(schedule).__name__}")
     _validated(schedule, "the schedule")
     model, loss_fn, batch = _mlp_job(schedule.m, layers=max(2, schedule.num_stages))
-    result = train(model, loss_fn, schedule, batch, steps=steps, return_grads=True)
+    result = _train(model, loss_fn, schedule, batch, steps=steps, return_grads=True)
     ref = reference(model, loss_fn, batch, steps=steps)
     loss_err = max(abs(a - b) for a, b in zip(result.losses, ref["losses"]))
     grad_err = max((result.grads[n] - g).abs().max().item() for n, g in ref["grads"].items())
