@@ -157,8 +157,10 @@ def _run_kernel(nb, parts: list[dict], found: list, dump: Path, timeout: float,
     return "" if dump.exists() else "the notebook did not finish"
 
 
-def _run_checks(parts: list[dict], dump: Path, timeout: float, folder: Path) -> dict[str, dict]:
-    """Phase 2: every part's check in one fresh process; ``{part: row}`` (rows it reached)."""
+def _run_checks(parts: list[dict], dump: Path, timeout: float,
+                folder: Path) -> tuple[dict[str, dict], str]:
+    """Phase 2: every part's check in one fresh process: ``{part: row}`` for the parts it
+    reached, and what to say about the others."""
     import cloudpickle
 
     with open(dump, "rb") as f:
@@ -166,13 +168,17 @@ def _run_checks(parts: list[dict], dump: Path, timeout: float, folder: Path) -> 
     job, out = dump.with_suffix(".job"), dump.with_suffix(".jsonl")
     job.write_bytes(cloudpickle.dumps({"objects": objects, "parts": parts}))
     cmd = [sys.executable, "-m", "minipipe.course.checks.runner", str(job), str(out)]
+    why = f"the check did not finish within {timeout:g} s"
     try:
-        subprocess.run(cmd, cwd=folder, timeout=timeout * max(1, len(parts)),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        done = subprocess.run(cmd, cwd=folder, timeout=timeout * max(1, len(parts)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        if done.returncode:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-8:]
+            why = "the checking process died:" + "".join(f"\n  {t}" for t in tail)
     except subprocess.TimeoutExpired:
         pass
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    return {r["part"]: r for r in rows}
+    return {r["part"]: r for r in rows}, why
 
 
 def grade_notebook(path: str | Path, timeout: float = 300.0,
@@ -199,7 +205,7 @@ def grade_notebook(path: str | Path, timeout: float = 300.0,
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "objects.pkl"
         stopped = _run_kernel(nb, parts, found, dump, timeout, kernel_name, folder)
-        rows = {} if stopped else _run_checks(parts, dump, timeout, folder)
+        rows, why = ({}, "") if stopped else _run_checks(parts, dump, timeout, folder)
     errors = _first_errors(nb)
     results = []
     for part, (index, problem) in zip(parts, found):
@@ -211,8 +217,7 @@ def grade_notebook(path: str | Path, timeout: float = 300.0,
         if stopped:
             r.error, r.message = "NotebookStopped", f"the notebook could not be run: {stopped}"
         elif row is None:
-            r.error, r.message = "Timeout", (f"the check did not finish within {timeout:g} s "
-                                             "(or its process died)")
+            r.error, r.message = "Timeout", why
         else:
             r.passed, r.error, r.message = row["passed"], row["error"], row["message"]
             r.output, r.seconds = row["output"], row["seconds"]
