@@ -60,17 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(flag: str, path: str | None) -> None:
+    from .errors import ConfigError
+
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a directory: give a file name")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path}: the folder {folder} does not exist")
+    existed = os.path.exists(path)
+    try:  # the one sure test (permissions, read-only mounts, /proc): open it for writing
+        open(path, "a").close()
+    except OSError as err:
+        raise ConfigError(f"{flag} {path} cannot be written ({err.strerror}): give a path you "
+                          "can write to") from None
+    if not existed:
+        os.unlink(path)
+
+
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any, list]:
     """Model, loss, schedule and batches; raises ValueError on a configuration that cannot run."""
     import torch
     import torch.nn.functional as F
 
-    from .runtime.launch import choose_backend, under_torchrun
     from .models import gpt, gpt_loss, mlp, mlp_batch
     from .runtime import ConfigError, check_config
+    from .runtime.launch import choose_backend, under_torchrun
     from .schedules import make_schedule
 
-    v = args.chunks or (2 if args.schedule == "interleaved" else 1)
+    for flag in ("json", "plot", "trace"):  # refused now, not after the training
+        _check_writable(f"--{flag}", getattr(args, flag))
+    v = args.chunks if args.chunks is not None else (2 if args.schedule == "interleaved" else 1)
     schedule = make_schedule(args.schedule, args.stages, args.microbatches, v)
     layers = args.layers if args.layers is not None else max(4, schedule.num_stages)
     for name in ("layers", "width", "steps"):
@@ -143,8 +165,8 @@ def check(result: Any, model: Any, loss_fn: Any, data: list) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime.launch import PipelineTimeout, WorkerError
     from .runtime import train
+    from .runtime.launch import PipelineTimeout, WorkerError
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for everyone
     try:

@@ -8,15 +8,21 @@ independent of the split: :func:`merge_checkpoint` joins the files into one stat
 single-process model, :func:`load_into` loads it there, and ``train(..., resume_from=d)``
 starts a run with *any* ``p``, ``v`` or bounds from it.
 
-A file is written to a temporary name in the same directory, then renamed over the old one
-(``os.replace`` is atomic), so a crash mid-save leaves the previous checkpoint readable. Each
-save carries a run id: files from two different saves are never mixed silently.
+A save is all-or-nothing. The ranks write into a new directory beside the files of the
+previous save (``d/.saving-<run id>/``); only when every rank's file is there does the caller
+mark it complete (one atomic rename) and move the files into place (:func:`commit_save`). A
+reader takes a complete ``.saving-*`` directory when one is left (a commit interrupted halfway)
+and ignores incomplete ones, which the next save removes: killed at any point, a save leaves
+either the previous checkpoint or the new one, never a mix. Each save also carries a run id:
+files from two different saves are never mixed silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,9 +35,11 @@ if TYPE_CHECKING:
     from .schedules import Schedule
 
 __all__ = ["CheckpointError", "param_names", "merge_checkpoint", "load_into", "atomic_save", "rank_file",
-           "FORMAT"]
+           "begin_save", "commit_save", "FORMAT"]
 
 FORMAT = 1  #: version of the file layout
+_STAGING = ".saving-"  # a save in progress: d/.saving-<run id>/rank{r}.pt
+_COMPLETE = "COMPLETE"  # in a staging directory: every rank's file is there
 
 
 class CheckpointError(ValueError):
@@ -132,13 +140,75 @@ def save_rank(worker: Any, directory: str, meta: dict[str, Any]) -> str:
     return path
 
 
-def remove_stale(directory: str, world_size: int) -> None:
-    """Delete rank files beyond ``world_size`` left by an earlier, larger run."""
-    for name in os.listdir(directory):
+def begin_save(directory: str | os.PathLike, run: str) -> str:
+    """Caller side, before the ranks start: finish or remove what earlier saves left, and
+    make the directory this save's ranks write into. Returns its path."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    for name in sorted(os.listdir(directory)):
+        staging = os.path.join(directory, name)
+        if name.startswith(_STAGING) and os.path.isdir(staging):
+            if os.path.exists(os.path.join(staging, _COMPLETE)):
+                _move_into_place(directory, staging)  # a commit interrupted halfway
+            else:
+                shutil.rmtree(staging, ignore_errors=True)  # a save that never completed
+        elif name.startswith("rank") and name.endswith(".tmp"):  # a rank file half written
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+    staging = os.path.join(directory, _STAGING + run)
+    os.makedirs(staging)
+    return staging
+
+
+def commit_save(directory: str | os.PathLike, staging: str, world_size: int) -> None:
+    """Caller side, after every rank returned: make the save in ``staging`` the checkpoint.
+
+    Marking it complete is one atomic rename; from then on readers take it, and moving the
+    files into ``directory`` (and deleting rank files of an earlier, larger run) can be
+    interrupted and finished later by :func:`begin_save`.
+    """
+    missing = [r for r in range(world_size) if not os.path.exists(rank_file(staging, r))]
+    if missing:
+        raise CheckpointError(f"the save in {staging!r} lacks the files of ranks {missing}: "
+                              "the previous checkpoint is kept")
+    marker = os.path.join(staging, _COMPLETE)
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"world_size": world_size}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + ".tmp", marker)
+    _move_into_place(os.fspath(directory), staging)
+
+
+def _move_into_place(directory: str, staging: str) -> None:
+    """The last part of a commit; safe to run again after an interruption at any point."""
+    with open(os.path.join(staging, _COMPLETE)) as f:
+        world_size = json.load(f)["world_size"]
+    for r in range(world_size):
+        src, dst = rank_file(staging, r), rank_file(directory, r)
+        if os.path.exists(src):
+            tmp = dst + ".commit.tmp"
+            shutil.copyfile(src, tmp)  # copied, not moved: the staging copy stays whole
+            os.replace(tmp, dst)
+    for name in os.listdir(directory):  # rank files beyond this save's ranks: an older run's
         number = name[4:-3]
         if name.startswith("rank") and name.endswith(".pt") and number.isdigit() \
                 and int(number) >= world_size:
             os.unlink(os.path.join(directory, name))
+    os.unlink(os.path.join(staging, _COMPLETE))  # from here on the files in place are read
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def checkpoint_dir(directory: str | os.PathLike) -> str:
+    """Where the checkpoint in ``directory`` is: a complete save not yet moved into place,
+    or ``directory`` itself."""
+    directory = os.fspath(directory)
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(directory)):
+            staging = os.path.join(directory, name)
+            if name.startswith(_STAGING) and os.path.exists(os.path.join(staging, _COMPLETE)):
+                return staging
+    return directory
 
 
 # --------------------------------------------------------------------------------- reading
@@ -179,6 +249,7 @@ def merge_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(path)
     if os.path.isfile(directory):  # a rank file was given: use its directory
         directory = os.path.dirname(directory) or "."
+    directory = checkpoint_dir(directory)
     if not os.path.exists(rank_file(directory, 0)):
         raise CheckpointError(f"no checkpoint in {directory!r}: {rank_file(directory, 0)} "
                               "not found")

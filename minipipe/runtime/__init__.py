@@ -1,7 +1,8 @@
 """Run a schedule on real ranks. Read it in this order:
 
+- :mod:`~minipipe.runtime.config`: every check made before a process starts.
 - :mod:`~minipipe.runtime.launch`: start one process per rank (or join torchrun), collect
-  results, name the rank that failed.
+  results; :mod:`~minipipe.runtime.failures` names the rank that caused a failure.
 - :mod:`~minipipe.runtime.comm`: point-to-point messages between neighbouring stages.
 - :mod:`~minipipe.runtime.stage`: what one rank holds (its chunks, optimizer, groups).
 - :mod:`~minipipe.runtime.interpreter`: one step on one rank: receive, compute, send.
@@ -14,7 +15,8 @@ from ..errors import ConfigError
 from ..partition import split_evenly
 from ..state import param_names
 from .autograd import ActivationMeter, backward_input, backward_weight
-from .caller import check_config, reference, train
+from .caller import reference, train
+from .config import check_config
 from .job import Job
 from .launch import PipelineTimeout, WorkerError
 from .result import RunResult

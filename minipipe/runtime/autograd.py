@@ -91,6 +91,8 @@ def backward_input(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tens
         from torch.distributed.pipelining._backward import stage_backward_input
     except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph
         stage_backward_input = None
+    if not out.requires_grad or (inp is None and not params):  # no trainable weight up to here
+        return None, ("none", params, None)
     with backward_phase("input"):
         if inp is not None and stage_backward_input is not None:
             (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
@@ -103,6 +105,8 @@ def backward_input(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tens
 def backward_weight(kept: tuple) -> None:
     """W of a split backward: accumulate the weight gradients kept by :func:`backward_input`."""
     how, params, what = kept
+    if how == "none" or not params:
+        return
     with backward_phase("weight"):
         if how == "groups":
             from torch.distributed.pipelining._backward import stage_backward_weight

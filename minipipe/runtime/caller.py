@@ -6,6 +6,7 @@ the whole batch, the result every schedule must match.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import platform
 import time
@@ -16,10 +17,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..partition import split_evenly
 from ..schedules import Schedule
-from ..state import param_names, prepare_resume, remove_stale, save_meta
-from ..validate import validate
+from ..state import begin_save, commit_save, param_names, prepare_resume, save_meta
+from .config import check_arguments, check_config
 from .interpreter import rank_main
 from .job import Batch, Job
 from .launch import launch
@@ -29,43 +29,19 @@ __all__ = ["train", "reference", "check_config"]
 
 
 def _as_data(data: Batch | Sequence[Batch], steps: int | None) -> list[Batch]:
+    """The batches of ``steps`` steps; from an iterator, only those (it may never end)."""
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return [data] * (steps or 1)
-    batches = list(data)
-    if steps is not None:
-        if len(batches) < steps:
-            raise ConfigError(f"steps={steps} but only {len(batches)} batches were given")
-        batches = batches[:steps]
+    if steps is None:
+        if not hasattr(data, "__len__"):
+            raise ConfigError("data is an iterator without a length (a generator, or an endless "
+                              "stream such as itertools.cycle(loader)): say how many steps to "
+                              "take from it with steps=N")
+        return list(data)
+    batches = list(itertools.islice(data, steps))
+    if len(batches) < steps:
+        raise ConfigError(f"steps={steps} but only {len(batches)} batches were given")
     return batches
-
-
-def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp: int,
-                 bounds: list[int] | None) -> list[int]:
-    """Every check that can fail before a process starts; returns the stage boundaries."""
-    validate(schedule)
-    layers = list(model)
-    if bounds is None:
-        bounds = split_evenly(len(layers), schedule.num_stages)
-    if len(bounds) != schedule.num_stages + 1 or bounds[0] != 0 or bounds[-1] != len(layers):
-        raise ConfigError(f"bounds must have {schedule.num_stages + 1} entries from 0 to "
-                          f"{len(layers)}, got {bounds}")
-    if any(b >= e for b, e in zip(bounds, bounds[1:])):
-        raise ConfigError(f"every stage needs at least one layer; bounds {bounds} leave one empty")
-    if dp < 1:
-        raise ConfigError(f"dp must be >= 1, got {dp}")
-    for k, (x, y) in enumerate(data):
-        if (x.shape, y.shape) != (data[0][0].shape, data[0][1].shape):
-            raise ConfigError(f"batch {k} has shapes {tuple(x.shape)}, {tuple(y.shape)} but batch 0 "
-                              f"has {tuple(data[0][0].shape)}, {tuple(data[0][1].shape)}: every "
-                              "step must use batches of one shape (stage shapes are sent once)")
-        n = x.shape[0]
-        if y.shape[0] != n:
-            raise ConfigError(f"batch {k}: inputs have {n} rows, targets {y.shape[0]}")
-        if n % (dp * schedule.m):
-            raise ConfigError(
-                f"batch {k} has {n} samples, which {dp} replica(s) × {schedule.m} micro-batches "
-                f"do not divide; use a batch size that is a multiple of {dp * schedule.m}")
-    return bounds
 
 
 def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedule: Schedule,
@@ -101,22 +77,20 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         ScheduleError, ConfigError, CheckpointError: before any process starts.
         WorkerError, PipelineTimeout: a rank failed or the run hung (see :mod:`minipipe.launch`).
     """
+    check_arguments(loss_fn=loss_fn, steps=steps, dp=dp, optimizer=optimizer, lr=lr,
+                    threads=threads, timeout=timeout, pg_timeout=pg_timeout, save_dir=save_dir)
     model = model if isinstance(model, nn.Sequential) else nn.Sequential(*model)
     batches = _as_data(data, steps)
-    if check_schedule:
-        bounds = check_config(model, schedule, batches, dp, bounds)
-    else:
-        bounds = bounds or split_evenly(len(model), schedule.num_stages)
+    bounds = check_config(model, schedule, batches, dp, bounds, checkpoint, check_schedule)
     opt_state, start_step = None, 0
     if resume_from is not None:  # merged and checked here, before any process starts
         model, opt_state, start_step = prepare_resume(model, resume_from, optimizer)
-    meta = None
-    if save_dir is not None:
-        save_dir = os.fspath(save_dir)
-        os.makedirs(save_dir, exist_ok=True)
+    meta, staging = None, None
+    if save_dir is not None:  # ranks write a new directory; committed when all have written
         meta = save_meta(model, schedule, bounds, dp, start_step + len(batches), optimizer)
+        staging = begin_save(save_dir, meta["run"])
     job = Job(model, loss_fn, schedule, batches, bounds, dp, optimizer, lr, checkpoint, tie_sync,
-              return_grads, return_params, save_dir, meta, opt_state)
+              return_grads, return_params, staging, meta, opt_state)
     world = dp * schedule.p
     start = time.perf_counter()
     ranks = launch(rank_main, world, job, backend=backend, timeout=timeout, pg_timeout=pg_timeout,
@@ -127,8 +101,8 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
             "ranks_exceed_cores": world > cores and ranks[0]["device"] == "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
             "bounds": bounds, "start_step": start_step}
-    if save_dir is not None:
-        remove_stale(save_dir, world)
+    if staging is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0
+        commit_save(save_dir, staging, world)
     return RunResult(schedule, ranks, dp, time.perf_counter() - start, info)
 
 

@@ -27,6 +27,7 @@ from ..schedules import Action, Kind
 from ..validate import Message
 from .autograd import backward_input, backward_weight
 from .comm import TensorMeta
+from .config import check_boundary
 from .job import Batch
 from .stage import StageWorker
 
@@ -66,6 +67,8 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
                     weight = ys[a.mb].shape[0] / total  # this micro-batch's share of the batch
                     out = w.job.loss_fn(out, ys[a.mb]) * weight
                     losses.append(out.detach())
+            if s != w.last:  # stages the caller's trial forward could not run are checked here
+                check_boundary(s, out, crosses=bool(step.sends))
             stash[(a.chunk, a.mb)] = (inp, out)
             to_send = out.detach()
         elif a.kind is Kind.B:
@@ -76,8 +79,9 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
                 g_in, wait_w[(a.chunk, a.mb)] = backward_input(
                     out, grad, inp if needs_in else None, w.chunk_params[a.chunk])
             else:
-                with backward_phase("full"):
-                    torch.autograd.backward(out, grad)
+                if out.requires_grad:  # False: no trainable weight up to here, nothing to do
+                    with backward_phase("full"):
+                        torch.autograd.backward(out, grad)
                 g_in = inp.grad if needs_in else None
                 w.meter.release(a.chunk, a.mb)
             to_send = g_in if g_in is not None else (torch.zeros_like(inp) if needs_in else None)

@@ -8,18 +8,28 @@ classes and schedules defined in a notebook cell reach the workers.
 Rendezvous: the caller hosts the TCP store on a socket it binds to 127.0.0.1 with a port the
 OS picks, so parallel runs never collide and nothing listens on the network. If a rank
 raises, every rank is stopped and :class:`WorkerError` carries its traceback; if the run
-outlives ``timeout``, :class:`PipelineTimeout` says what each rank was doing. Under
-``torchrun`` (``RANK``/``WORLD_SIZE`` set) nothing is spawned: this process is one rank.
+outlives ``timeout``, :class:`PipelineTimeout` says what each rank was doing. A rank that
+dies without a result (killed, crashed, ``os._exit``) is named with its exit code or signal
+ahead of the peers that lose their connection to it; a rank frozen or stuck in one action is
+named ahead of the peers that time out waiting for it. Under ``torchrun``
+(``RANK``/``WORLD_SIZE`` set) nothing is spawned: this process is one rank.
+
+The job travels in a file, not through the start-up pipe, so starting a rank never blocks on
+a child that died during start-up (a script without an ``if __name__ == "__main__":`` guard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -30,32 +40,15 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "WorkerError", "PipelineTimeout", "launch", "choose_backend", "under_torchrun"]
+from .failures import GUARD, MainGuardError, PipelineTimeout, WorkerError, primary_cause, stuck_rank
+
+__all__ = ["Context", "WorkerError", "PipelineTimeout", "MainGuardError", "launch",
+           "choose_backend", "under_torchrun"]
 
 _STATUS_LEN = 120  # bytes of status text per rank in the shared board
-_SECONDARY = b"closed by peer"  # gloo's error on a rank whose peer went away first
-
-
-class WorkerError(RuntimeError):
-    """A rank raised; ``rank`` and ``worker_traceback`` say which and where."""
-
-    def __init__(self, rank: int, worker_traceback: str, status: list[str] | None = None) -> None:
-        self.rank, self.worker_traceback, self.status = rank, worker_traceback, status or []
-        board = "".join(f"\n  rank {r}: {s}" for r, s in enumerate(self.status))
-        super().__init__(
-            f"rank {rank} failed; its traceback:\n{worker_traceback.rstrip()}"
-            + (f"\nwhat each rank was doing:{board}" if board else ""))
-
-
-class PipelineTimeout(RuntimeError):
-    """The run took longer than its timeout; ``status`` holds each rank's last action."""
-
-    def __init__(self, timeout: float, status: list[str]) -> None:
-        self.status = status
-        board = "".join(f"\n  rank {r}: {s}" for r, s in enumerate(status))
-        super().__init__(
-            f"no result after {timeout:.0f} s: the pipeline is probably hung (a receive whose "
-            f"send never comes). What each rank was doing when it was stopped:{board}")
+_START = threading.Lock()  # one launch's environment changes at a time
+_watching: list[int] = []  # under torchrun: the agent this process watches
+_LAUNCH_DIR = "MINIPIPE_LAUNCH_DIR"  # where a child reports a script without a main guard
 
 
 @dataclass
@@ -111,9 +104,10 @@ def _loopback_ifname() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Exit if the launching process goes away (a killed kernel leaves no orphans)."""
-    if sys.platform.startswith("linux"):
+def _die_with_parent(parent: int, deathsig: bool = True) -> None:
+    """Exit if the launching process goes away (a killed kernel or torchrun agent leaves no
+    orphans): PR_SET_PDEATHSIG on Linux, and a thread that watches the parent's pid."""
+    if deathsig and sys.platform.startswith("linux"):
         try:  # PR_SET_PDEATHSIG: the kernel sends SIGKILL when the parent dies
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)
         except OSError:
@@ -127,7 +121,7 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker(rank: int, world_size: int, payload: bytes, port: int, backend: str,
+def _worker(rank: int, world_size: int, payload: str, port: int, backend: str,
             device_type: str, staged: bool, threads: int, pg_timeout: float,
             results: Any, board: Any, parent: int) -> None:
     _die_with_parent(parent)
@@ -144,7 +138,8 @@ def _worker(rank: int, world_size: int, payload: bytes, port: int, backend: str,
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
         ctx = Context(rank, world_size, device, backend, staged, board)
-        fn, args, kwargs = cloudpickle.loads(payload)
+        with open(payload, "rb") as f:
+            fn, args, kwargs = cloudpickle.load(f)
         out = cloudpickle.dumps(fn(ctx, *args, **kwargs))
     except BaseException:  # noqa: BLE001 - everything goes back to the caller
         status, out = "error", traceback.format_exc().encode()
@@ -159,6 +154,9 @@ def _stop(procs: list[Any]) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
+            if hasattr(signal, "SIGCONT"):  # a stopped rank only acts on SIGTERM once continued
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGCONT)
     deadline = time.monotonic() + 3
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -176,6 +174,9 @@ def _read_board(board: Any, world_size: int) -> list[str]:
 def _run_torchrun(fn: Callable, args: tuple, kwargs: dict, backend: str, threads: int,
                   pg_timeout: float) -> list[Any]:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not _watching:  # the agent killed (SIGKILL): this rank exits instead of living on
+        _watching.append(os.getppid())
+        _die_with_parent(os.getppid(), deathsig=False)  # the agent may start us from a thread
     name, device_type, staged = choose_backend(world_size, backend)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
@@ -215,17 +216,21 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         WorkerError: a rank raised; carries its rank number and traceback.
         PipelineTimeout: the run outlived ``timeout``; carries each rank's last action.
     """
+    if getattr(mp.current_process(), "_inheriting", False):  # a rank importing the script again
+        where = os.environ.get(_LAUNCH_DIR)
+        if where:  # tell the caller, which is watching this directory
+            with contextlib.suppress(OSError):
+                open(os.path.join(where, "unguarded"), "w").close()
+        raise MainGuardError(GUARD)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     pg_timeout = timeout if pg_timeout is None else pg_timeout
     if under_torchrun():
         return _run_torchrun(fn, args, kwargs, backend, threads, pg_timeout)
     name, device_type, staged = choose_backend(world_size, backend)
-    payload = cloudpickle.dumps((fn, args, kwargs))
     spawn = mp.get_context("spawn")
     results = spawn.SimpleQueue()
     board = spawn.RawArray(ctypes.c_char, world_size * _STATUS_LEN)
-
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))  # loopback only; the OS picks a free port
@@ -234,67 +239,84 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
     store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=True,
                           timeout=datetime.timedelta(seconds=pg_timeout),
                           wait_for_workers=False, master_listen_fd=listener.detach())
-
-    env = {"GLOO_SOCKET_IFNAME": _loopback_ifname(), "NCCL_SOCKET_IFNAME": _loopback_ifname(),
-           "OMP_NUM_THREADS": str(threads)}
-    added = [k for k, val in env.items() if val is not None and k not in os.environ]
-    procs = []
+    launch_dir = tempfile.mkdtemp(prefix="minipipe-launch-")
+    procs: list[Any] = []
     try:
-        for k in added:  # children inherit these at start
-            os.environ[k] = env[k]  # type: ignore[assignment]
-        for rank in range(world_size):
-            proc = spawn.Process(
-                target=_worker, daemon=True, name=f"minipipe-rank{rank}",
-                args=(rank, world_size, payload, port, name, device_type, staged, threads,
-                      pg_timeout, results, board, os.getpid()))
-            proc.start()
-            procs.append(proc)
-        for k in added:
-            os.environ.pop(k)
-        return _collect(procs, results, board, world_size, timeout)
+        payload = os.path.join(launch_dir, "job.pkl")  # a file: a start never blocks on a pipe
+        with open(payload, "wb") as f:
+            cloudpickle.dump((fn, args, kwargs), f)
+        _start(spawn, procs, world_size, threads, launch_dir,
+               (world_size, payload, port, name, device_type, staged, threads, pg_timeout,
+                results, board, os.getpid()))
+        return _collect(procs, results, board, world_size, timeout, launch_dir)
     finally:
         _stop(procs)
         del store  # owns the listening socket and closes it
+        shutil.rmtree(launch_dir, ignore_errors=True)
 
 
-def _collect(procs: list[Any], results: Any, board: Any, world_size: int,
-             timeout: float) -> list[Any]:
+def _start(spawn: Any, procs: list[Any], world_size: int, threads: int, launch_dir: str,
+           worker_args: tuple) -> None:
+    """Start the ranks (appended to ``procs``) with the environment they must inherit; the
+    caller's environment is restored however the start ends (a Jupyter kernel keeps it)."""
+    env = {"GLOO_SOCKET_IFNAME": _loopback_ifname(), "NCCL_SOCKET_IFNAME": _loopback_ifname(),
+           "OMP_NUM_THREADS": str(threads)}
+    with _START:  # two launches from two threads never mix their environments
+        saved = {k: os.environ.get(k) for k in (*env, _LAUNCH_DIR)}
+        try:
+            for k, val in env.items():
+                if val is not None and k not in os.environ:  # the user's own setting wins
+                    os.environ[k] = val
+            os.environ[_LAUNCH_DIR] = launch_dir
+            for rank in range(world_size):
+                proc = spawn.Process(target=_worker, daemon=True, name=f"minipipe-rank{rank}",
+                                     args=(rank, *worker_args))
+                proc.start()
+                procs.append(proc)
+        finally:
+            for k, val in saved.items():
+                if val is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = val
+
+
+def _collect(procs: list[Any], results: Any, board: Any, world_size: int, timeout: float,
+             launch_dir: str) -> list[Any]:
+    """Results by rank; the first failure (see :func:`_failure`) or a timeout raises."""
     out: dict[int, Any] = {}
+    errors: list[tuple[float, int, bytes]] = []
     deadline = time.monotonic() + timeout
     reader = _QueueReader(results)
     while len(out) < world_size:
-        item = reader.get(0.05)
-        if item is not None:
-            status, rank, data, when = item
-            if status == "error":
-                raise _first_failure(reader, (when, rank, data), board, world_size)
-            out[rank] = cloudpickle.loads(data)
-            continue
-        for rank, proc in enumerate(procs):
-            if rank not in out and proc.exitcode not in (None, 0) and reader.empty():
-                time.sleep(0.2)  # its error message may still be on the way
-                if reader.empty():
-                    raise WorkerError(rank, f"rank {rank} died with exit code {proc.exitcode} "
-                                            "(killed, or crashed in native code)\n",
-                                      _read_board(board, world_size))
+        _take(reader, out, errors, 0.05)
+        ended = any(p.exitcode is not None for r, p in enumerate(procs) if r not in out)
+        if errors or ended or os.path.exists(os.path.join(launch_dir, "unguarded")):
+            _take(reader, out, errors, 0.5, full=True)  # the cause may report a moment later
+            failure = primary_cause(procs, out, errors, _read_board(board, world_size),
+                                    os.path.exists(os.path.join(launch_dir, "unguarded")))
+            if failure is not None:
+                raise failure
         if time.monotonic() > deadline:
-            raise PipelineTimeout(timeout, _read_board(board, world_size))
+            status = _read_board(board, world_size)
+            raise PipelineTimeout(timeout, status, stuck_rank([p.pid for p in procs], status))
     return [out[r] for r in range(world_size)]
 
 
-def _first_failure(reader: "_QueueReader", first: tuple, board: Any, world_size: int) -> WorkerError:
-    """The error that came first: when one rank fails, its peers often fail a moment later
-    ("connection closed by peer"), and their report can arrive before the cause's; such
-    consequences are passed over when a rank reports anything else."""
-    status = _read_board(board, world_size)
-    errors = [first]
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end:
-        item = reader.get(0.05)
-        if item is not None and item[0] == "error":
-            errors.append((item[3], item[1], item[2]))
-    when, rank, data = min(errors, key=lambda e: (_SECONDARY in e[2], e[0]))
-    return WorkerError(rank, data.decode(), status)
+def _take(reader: "_QueueReader", out: dict, errors: list, wait: float, full: bool = False) -> None:
+    """Read what the ranks sent, waiting up to ``wait`` s (all of it with ``full``)."""
+    end = time.monotonic() + wait
+    while True:
+        item = reader.get(max(0.0, end - time.monotonic()))
+        if item is None:
+            return
+        status, rank, data, when = item
+        if status == "error":
+            errors.append((when, rank, data))
+        else:
+            out[rank] = cloudpickle.loads(data)
+        if not full and reader.empty():
+            return
 
 
 class _QueueReader:
@@ -313,4 +335,3 @@ class _QueueReader:
                 return None
             time.sleep(0.005)
         return self.q.get()
-

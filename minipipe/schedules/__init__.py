@@ -14,9 +14,10 @@ as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
-from .base import Action, B, F, Kind, Schedule, W, parse_actions
+from .base import Action, B, F, Kind, Schedule, W, check_sizes, parse_actions
 from .fill_drain import gpipe, naive
 from .interleaved import interleaved
 from .one_f_one_b import one_f_one_b
@@ -51,6 +52,10 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     key = {"zbh1": "zb-h1", "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    check_sizes(p, m)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"v (chunks per rank) must be an int >= 1, got {v!r}")
+    p, m, v = int(p), int(m), int(v)  # numpy integers too
     if key == "interleaved":
         return interleaved(p, m, v if v > 1 else 2)
     if v != 1:

@@ -16,6 +16,7 @@ as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
 from __future__ import annotations
 
 import enum
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -243,6 +244,9 @@ def make_placement(placement: str | Sequence[tuple[int, int]], p: int,
 
 
 def check_sizes(p: int, m: int) -> None:
-    """The generators' common argument check."""
-    if not (isinstance(p, int) and isinstance(m, int)) or p < 1 or m < 1:
+    """The generators' common argument check (any integer type, numpy's too, is an int)."""
+    for name, x in (("p", p), ("m", m)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
+    if p < 1 or m < 1:
         raise ValueError(f"need p >= 1 stages and m >= 1 micro-batches, got p={p}, m={m}")
