@@ -4,8 +4,8 @@ the model's split, the data, and what each stage outputs.
 A bad argument found here costs milliseconds and one line that says what to do; the same
 mistake found in a worker costs a start-up and a traceback from the middle of a step.
 :func:`check_boundary` is the one rule for what may cross from one stage to the next: a
-trial forward on the meta device (no data, no arithmetic) applies it before the start, and
-the interpreter applies it again to stages that cannot run on the meta device.
+trial forward of one micro-batch on the caller applies it before the start, and the
+interpreter applies it again to stages the trial could not run.
 """
 
 from __future__ import annotations
@@ -151,22 +151,25 @@ def check_boundary(stage: int, value: Any, crosses: bool = True) -> None:
 
 def check_boundaries(model: nn.Sequential, schedule: Schedule, bounds: list[int],
                      sample: torch.Tensor) -> None:
-    """One forward of a micro-batch-shaped ``sample`` through every stage but the last, on
-    the meta device: shapes and dtypes only, no data touched, no weights or buffers changed.
-    A stage that cannot run there (it reads values, or makes CPU tensors) ends the trial; the
-    interpreter checks the stages after it as they run."""
-    from torch.func import functional_call
-
+    """One forward of a ``sample`` micro-batch through every stage but the last, on the
+    caller, to apply :func:`check_boundary` before any process starts. It changes nothing:
+    no gradients, layers in eval mode (no running statistics updated), the random number
+    generator restored. (The meta device would skip the arithmetic, but its first use costs
+    seconds.) A stage that fails here (it needs the process group, or the model is on a GPU)
+    ends the trial: the interpreter checks the stages after it as they run."""
     layers = list(model)
-    h: Any = sample.to("meta")
-    for s in range(len(bounds) - 2):
-        stage = nn.Sequential(*layers[bounds[s]:bounds[s + 1]])
-        state = {name: torch.empty_like(t, device="meta") for name, t in
-                 [*stage.named_parameters(remove_duplicate=False),
-                  *stage.named_buffers(remove_duplicate=False)]}
-        try:
-            with torch.no_grad():
-                h = functional_call(stage, state, (h,))
-        except Exception:  # noqa: BLE001 - not checkable here; checked when it runs
-            return
-        check_boundary(s, h, crosses=schedule.place(s)[0] != schedule.place(s + 1)[0])
+    modes = [(mod, mod.training) for mod in model.modules()]
+    h: Any = sample
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for s in range(len(bounds) - 2):
+                try:
+                    for layer in layers[bounds[s]:bounds[s + 1]]:
+                        h = layer(h)
+                except Exception:  # noqa: BLE001 - not checkable here; checked when it runs
+                    return
+                check_boundary(s, h, crosses=schedule.place(s)[0] != schedule.place(s + 1)[0])
+    finally:
+        for mod, training in modes:
+            mod.training = training
