@@ -55,7 +55,12 @@ def test_run_writes_json_plot_and_trace(tmp_path):
     (["--stages", "8", "--layers", "2"], "at least 8 layers"),
     (["--tie"], "--model gpt"),
     (["--schedule", "gpipe", "--chunks", "2"], "interleaved"),
-], ids=["no-stages", "interleaved-m", "unknown-schedule", "batch", "layers", "tie", "chunks"])
+    (["--schedule", "interleaved", "--chunks", "0"], "v (chunks per rank) must be an int >= 1"),
+    (["--batch", "0"], "batch 0 has 0 samples"),
+    (["--json", "no/such/folder/run.json"], "does not exist"),
+    (["--plot", "."], "is a directory"),
+], ids=["no-stages", "interleaved-m", "unknown-schedule", "batch", "layers", "tie", "chunks",
+        "chunks-0", "batch-0", "json-folder", "plot-directory"])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, says):
     out = minipipe("run", *args, cwd=tmp_path, timeout=60)
     assert out.returncode == 2

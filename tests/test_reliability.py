@@ -120,7 +120,7 @@ def frozen(ctx, how: str) -> None:
 def test_a_frozen_rank_is_blamed_not_the_peer_that_timed_out_waiting(how, says):
     start = time.perf_counter()
     with pytest.raises(WorkerError) as err:
-        launch(frozen, 2, how, timeout=60, pg_timeout=3)
+        launch(frozen, 2, how, timeout=60, pg_timeout=5)
     assert time.perf_counter() - start < 40
     assert err.value.rank == 1 and str(err.value).startswith(says), str(err.value)
 

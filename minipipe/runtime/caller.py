@@ -59,7 +59,8 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         loss_fn: ``loss_fn(output, target)``, mean over the samples it gets. Each micro-batch
             loss is weighted by its share of the batch, so the step's loss is the batch mean.
         schedule: any valid :class:`Schedule`, generated or written by hand.
-        data: one ``(inputs, targets)`` batch (repeated ``steps`` times) or one per step.
+        data: one ``(inputs, targets)`` batch (repeated ``steps`` times) or one per step: a
+            list, or an iterator (an endless one too: ``steps`` says how many to take).
         bounds: stage boundaries (see :mod:`minipipe.partition`); default: equal layer counts.
         dp: pipeline replicas (data parallelism); each takes an equal share of every batch.
         optimizer: ``"sgd"``, ``"adam"`` or ``callable(params) -> Optimizer``. lr: its rate.
@@ -67,15 +68,18 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         tie_sync: sum the gradients of tied weights across ranks (turn off to watch drift).
         return_grads / return_params: keep the last gradients / final weights by name.
         backend: ``auto``, ``gloo`` or ``nccl``. timeout: seconds before the run is declared
-            hung. pg_timeout: seconds one receive may block. check_schedule: validate first
-            (turn off only to watch a bad schedule hang).
-        save_dir: at the end, every rank saves its stage there (``rank{global_rank}.pt``).
+            hung. pg_timeout: seconds one receive may block. check_schedule: validate the
+            schedule, split, batches and stage outputs first (turn off only to watch a bad
+            configuration hang or fail in the ranks; the arguments are always checked).
+        save_dir: at the end, every rank saves its stage there (``rank{global_rank}.pt``);
+            the save replaces the previous one all at once, or not at all.
         resume_from: a checkpoint directory written with any split: start from its weights
             and optimizer state (see :mod:`minipipe.state`).
 
     Raises:
         ScheduleError, ConfigError, CheckpointError: before any process starts.
-        WorkerError, PipelineTimeout: a rank failed or the run hung (see :mod:`minipipe.launch`).
+        WorkerError, PipelineTimeout: a rank failed or the run hung; MainGuardError: the script
+            has no ``if __name__ == "__main__":`` guard (see :mod:`minipipe.runtime.launch`).
     """
     check_arguments(loss_fn=loss_fn, steps=steps, dp=dp, optimizer=optimizer, lr=lr,
                     threads=threads, timeout=timeout, pg_timeout=pg_timeout, save_dir=save_dir)

@@ -80,13 +80,21 @@ def _check_writable_dir(path: str) -> None:
 def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp: int,
                  bounds: list[int] | None, checkpoint: bool | Sequence[int] = False,
                  validate_schedule: bool = True) -> list[int]:
-    """The schedule, the split, the data and the stage outputs; returns the stage boundaries."""
-    if validate_schedule:
-        validate(schedule)
+    """The schedule, the split, the data and the stage outputs; returns the stage boundaries.
+
+    ``validate_schedule=False`` (``train(check_schedule=False)``) leaves out the schedule's
+    validation and the checks of the split, the batches and the stage outputs, to watch a
+    bad configuration fail in the ranks.
+    """
     dp = as_int("dp", dp)
     layers = list(model)
     if bounds is None:
         bounds = split_evenly(len(layers), schedule.num_stages)
+    if not data:
+        raise ConfigError("data holds no batches: give one (inputs, targets) batch or a list")
+    if not validate_schedule:
+        return bounds
+    validate(schedule)
     if len(bounds) != schedule.num_stages + 1 or bounds[0] != 0 or bounds[-1] != len(layers):
         raise ConfigError(f"bounds must have {schedule.num_stages + 1} entries from 0 to "
                           f"{len(layers)}, got {bounds}")
@@ -104,8 +112,6 @@ def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp
 
 
 def _check_data(schedule: Schedule, data: list[Batch], dp: int) -> None:
-    if not data:
-        raise ConfigError("data holds no batches: give one (inputs, targets) batch or a list")
     for k, batch in enumerate(data):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2
                 and all(isinstance(t, torch.Tensor) for t in batch)):
