@@ -213,8 +213,10 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         threads: intra-op threads per rank on CPU (1 keeps ranks from fighting over cores).
 
     Raises:
-        WorkerError: a rank raised; carries its rank number and traceback.
+        WorkerError: a rank raised or died; carries its rank number and traceback (or exit
+            code), the rank a frozen or stuck rank's peers waited on named first.
         PipelineTimeout: the run outlived ``timeout``; carries each rank's last action.
+        MainGuardError: the calling script lacks ``if __name__ == "__main__":``.
     """
     if getattr(mp.current_process(), "_inheriting", False):  # a rank importing the script again
         where = os.environ.get(_LAUNCH_DIR)
