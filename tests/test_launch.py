@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minipipe.runtime.launch import PipelineTimeout, WorkerError, launch
 from minipipe.runtime import reference, train
+from minipipe.runtime.launch import PipelineTimeout, WorkerError, launch
 from minipipe.schedules import Schedule, make_schedule
 
 pytestmark = pytest.mark.usefixtures("no_leftover_ranks")
