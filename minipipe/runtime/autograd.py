@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..models import backward_phase
 
@@ -21,55 +22,122 @@ __all__ = ["ActivationMeter", "backward_input", "backward_weight"]
 
 
 class ActivationMeter:
-    """Bytes autograd saves for backward, per (chunk, micro-batch), live and at peak.
+    """Bytes autograd saves for backward on one rank: per micro-batch, live, and at peak.
 
-    A ``saved_tensors_hooks`` pack hook sees every tensor saved during a forward; each storage
-    is counted once, parameters not at all. Exact and deterministic on CPU. The hooks cost a
-    few microseconds per saved tensor in forward and again in backward, so a micro-batch whose
-    ``key`` (its chunk and shapes) was measured before reuses that count: exact for models
-    whose saved tensors depend only on the input shapes (every model in :mod:`minipipe.models`).
+    ``mode="observed"`` (the default) watches the memory itself. A ``saved_tensors_hooks``
+    pack hook sees every tensor a forward saves and registers its *storage* (the memory, not
+    the tensor object autograd holds: a view dies with the graph even while something else
+    keeps the memory alive) through a weak reference, the one torch keeps for its own
+    multiprocessing (:class:`torch.multiprocessing.reductions.StorageWeakRef`). Each storage
+    counts once, parameters never, and the meter itself holds no storage. :meth:`sample`, called
+    after every action, adds up the registered storages still alive: that total drops when the
+    memory is really freed (by autograd, or never, if something still holds it), not when the
+    runtime says it should. The peak is the largest sample; between two actions memory can
+    only be allocated inside an action, so samples at action boundaries see every peak of what
+    forwards saved.
+
+    ``mode="counted"`` is the cheap bookkeeping for benchmarks: it measures the first
+    micro-batch of each ``key`` (chunk and shapes), adds that figure at every ``F`` and
+    subtracts it when the runtime calls :meth:`release`. It cannot see a leak or memory whose
+    size depends on the data, so it is named *counted* wherever it is shown.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+    MODES = ("observed", "counted")
+
+    def __init__(self, params: Sequence[nn.Parameter], mode: str = "observed") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"memory must be one of {self.MODES}, not {mode!r}")
+        self.mode = mode
         self.param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.held: dict[tuple[int, int], int] = {}
-        self.per_mb: dict[int, int] = {}  # chunk -> bytes of one micro-batch
-        self.known: dict[Any, int] = {}  # key -> bytes measured for it
+        self.per_mb: dict[int, int] = {}  # chunk -> bytes its first micro-batch saved
+        self.bytes: dict[tuple[int, int], int] = {}  # (chunk, mb) -> bytes saved, this step
+        self.trace: list[tuple[str, int, dict]] = []  # (action, live bytes, held()) this step
         self.live = 0
-        self.peak = 0
+        self.peak = 0  # over every sample of every step
+        self._alive: dict[int, tuple[StorageWeakRef, int, tuple[int, int]]] = {}  # observed
+        self._held: dict[tuple[int, int], int] = {}  # counted
+        self._known: dict[Any, int] = {}  # counted: key -> bytes measured for it
+
+    def start_step(self) -> None:
+        """A new step: per-micro-batch figures and the trace start again (the peak does not)."""
+        self.bytes, self.trace = {}, []
 
     @contextlib.contextmanager
     def record(self, chunk: int, mb: int, key: Any = None):
-        total = self.known.get(key) if key is not None else None
-        if total is None:
-            seen: set[int] = set()
-            sizes: list[int] = []
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr not in self.param_storages and ptr not in seen:
-                    seen.add(ptr)
-                    sizes.append(storage.nbytes())
-                # a detached alias: autograd would hold ``t`` itself as a Python object, in a
-                # cycle with its grad_fn that the garbage collector cannot see, so graph parts
-                # no backward frees (a split backward's input-only nodes) would leak
-                return t.detach()
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                yield
-            total = sum(sizes)
-            if key is not None:
-                self.known[key] = total
-        else:
+        """Watch what the forward run inside this block saves for backward."""
+        if self.mode == "counted" and key is not None and key in self._known:
             yield
-        self.held[(chunk, mb)] = total
+            self._count(chunk, mb, self._known[key])
+            return
+        tag, sizes, seen = (chunk, mb), [], set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            ident = storage._cdata  # the storage itself, whichever tensor views it
+            if storage.data_ptr() not in self.param_storages and ident not in seen:
+                seen.add(ident)
+                if self.mode == "observed":
+                    old = self._alive.get(ident)
+                    if old is None or old[0].expired():  # an address can be reused once freed
+                        self._alive[ident] = (StorageWeakRef(storage), storage.nbytes(), tag)
+                        sizes.append(storage.nbytes())
+                else:
+                    sizes.append(storage.nbytes())
+            # a detached alias: autograd would hold ``t`` itself as a Python object, in a
+            # cycle with its grad_fn that the garbage collector cannot see, so graph parts
+            # no backward frees (a split backward's input-only nodes) would leak
+            return t.detach()
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield
+        total = sum(sizes)
+        if self.mode == "observed":
+            self.bytes[tag] = total
+            self.per_mb.setdefault(chunk, total)
+            return
+        if key is not None:
+            self._known[key] = total
+        self._count(chunk, mb, total)
+
+    def _count(self, chunk: int, mb: int, total: int) -> None:
+        self.bytes[(chunk, mb)] = total
         self.per_mb.setdefault(chunk, total)
+        self._held[(chunk, mb)] = total
         self.live += total
         self.peak = max(self.peak, self.live)
 
     def release(self, chunk: int, mb: int) -> None:
-        self.live -= self.held.pop((chunk, mb))
+        """Counted mode: the runtime says this micro-batch's saved tensors are gone now."""
+        if self.mode == "counted":
+            self.live -= self._held.pop((chunk, mb))
+
+    def sample(self, label: str) -> int:
+        """Live bytes now (observed: storages still alive); recorded in the trace and peak."""
+        held = self.held()
+        self.live = sum(held.values())
+        self.peak = max(self.peak, self.live)
+        self.trace.append((label, self.live, held))
+        return self.live
+
+    def held(self) -> dict[tuple[int, int], int]:
+        """Live bytes now by the (chunk, micro-batch) whose forward saved them."""
+        if self.mode == "counted":
+            return dict(self._held)
+        for ident in [i for i, (ref, _, _) in self._alive.items() if ref.expired()]:
+            del self._alive[ident]
+        out: dict[tuple[int, int], int] = {}
+        for _, n, tag in self._alive.values():
+            out[tag] = out.get(tag, 0) + n
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """What this step's record keeps: bytes per micro-batch, the trace, the mode."""
+        return {"act_bytes": dict(self.bytes), "act_trace": list(self.trace),
+                "act_mode": self.mode}
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 # ---------------------------------------------------------------- split backward (B, then W)

@@ -51,7 +51,7 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
           return_grads: bool = False, return_params: bool = False, backend: str = "auto",
           timeout: float = 300.0, pg_timeout: float | None = None, check_schedule: bool = True,
           threads: int = 1, save_dir: str | os.PathLike | None = None,
-          resume_from: str | os.PathLike | None = None) -> RunResult:
+          resume_from: str | os.PathLike | None = None, memory: str = "observed") -> RunResult:
     """Train ``model`` with ``schedule`` on ``dp × p`` real ranks.
 
     Args:
@@ -75,6 +75,9 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
             the save replaces the previous one all at once, or not at all.
         resume_from: a checkpoint directory written with any split: start from its weights
             and optimizer state (see :mod:`minipipe.state`).
+        memory: ``"observed"`` watches the storages autograd saves until they are really freed;
+            ``"counted"`` is cheaper bookkeeping for benchmarks (see
+            :class:`~minipipe.runtime.autograd.ActivationMeter`).
 
     Raises:
         ScheduleError, ConfigError, CheckpointError: before any process starts.
@@ -84,6 +87,8 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
     check_arguments(loss_fn=loss_fn, steps=steps, dp=dp, optimizer=optimizer, lr=lr,
                     threads=threads, timeout=timeout, pg_timeout=pg_timeout, save_dir=save_dir)
     model = model if isinstance(model, nn.Sequential) else nn.Sequential(*model)
+    if memory not in ("observed", "counted"):
+        raise ConfigError(f"memory must be 'observed' or 'counted', not {memory!r}")
     batches = _as_data(data, steps)
     bounds = check_config(model, schedule, batches, dp, bounds, checkpoint, check_schedule)
     opt_state, start_step = None, 0
@@ -94,7 +99,7 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
         meta = save_meta(model, schedule, bounds, dp, start_step + len(batches), optimizer)
         staging = begin_save(save_dir, meta["run"])
     job = Job(model, loss_fn, schedule, batches, bounds, dp, optimizer, lr, checkpoint, tie_sync,
-              return_grads, return_params, staging, meta, opt_state)
+              return_grads, return_params, staging, meta, opt_state, memory)
     world = dp * schedule.p
     start = time.perf_counter()
     ranks = launch(rank_main, world, job, backend=backend, timeout=timeout, pg_timeout=pg_timeout,
@@ -104,7 +109,7 @@ def train(model: nn.Sequential | Sequence[nn.Module], loss_fn: Callable, schedul
             "staged": ranks[0]["staged"], "world_size": world, "cores": cores,
             "ranks_exceed_cores": world > cores and ranks[0]["device"] == "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
-            "bounds": bounds, "start_step": start_step}
+            "bounds": bounds, "start_step": start_step, "memory": memory}
     if staging is not None and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0
         commit_save(save_dir, staging, world)
     return RunResult(schedule, ranks, dp, time.perf_counter() - start, info)

@@ -39,6 +39,8 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
     sched, dev = w.sched, w.ctx.device
     w.p2p.step = k
     xs, ys, total = _micro_batches(w, batch)
+    y_shapes = [tuple(y.shape) for y in ys]
+    w.meter.start_step()
     for q in w.params.values():
         q.grad = None
     stash: dict[tuple[int, int], tuple] = {}  # (chunk, mb) -> (input, output or loss)
@@ -57,15 +59,15 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
         w.ctx.status(f"step {k}: running {a.label(sched.v > 1)}")
         start = time.perf_counter() - t0
         if a.kind is Kind.F:  # 2. compute
-            inp = xs[a.mb] if s == 0 else _take(got, local, "activation", s - 1, a.mb)
+            inp = _use(xs, a.mb) if s == 0 else _take(got, local, "activation", s - 1, a.mb)
             if s > 0:
                 inp = inp.detach().requires_grad_(inp.is_floating_point())
-            shapes = (a.chunk, tuple(inp.shape), inp.dtype, tuple(ys[a.mb].shape))
+            shapes = (a.chunk, tuple(inp.shape), inp.dtype, y_shapes[a.mb])
             with w.meter.record(a.chunk, a.mb, key=shapes):
                 out = w.forward(a.chunk, s, inp)
                 if s == w.last:
-                    weight = ys[a.mb].shape[0] / total  # this micro-batch's share of the batch
-                    out = w.job.loss_fn(out, ys[a.mb]) * weight
+                    weight = y_shapes[a.mb][0] / total  # this micro-batch's share of the batch
+                    out = w.job.loss_fn(out, _use(ys, a.mb)) * weight
                     losses.append(out.detach())
             if s != w.last:  # stages the caller's trial forward could not run are checked here
                 check_boundary(s, out, crosses=bool(step.sends))
@@ -93,6 +95,8 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
         for m in step.sends:  # 3. send
             _send(w, m, to_send)
         _hand_over(w, a, s, to_send, local, bool(step.sends))
+        inp = out = grad = g_in = to_send = got = None  # what autograd no longer needs is freed now
+        w.meter.sample(a.label(sched.v > 1))
     w.p2p.flush()
     return _finish_step(w, k, events, losses)
 
@@ -107,11 +111,17 @@ def _micro_batches(w: StageWorker, batch: Batch) -> tuple[list, list, int]:
     return xs, ys, share * w.job.dp
 
 
+def _use(batches: list, mb: int) -> torch.Tensor:
+    """Micro-batch ``mb`` of this step's inputs or targets, which the step no longer holds."""
+    t, batches[mb] = batches[mb], None
+    return t
+
+
 def _finish_step(w: StageWorker, k: int, events: list, losses: list) -> dict[str, Any]:
     """The flush: gradient sync and optimizer step; the step's record for the caller."""
     w.ctx.status(f"step {k}: gradient sync and optimizer step")
     w.sync_grads()
-    record = {"events": events, "losses": [float(loss) for loss in losses]}
+    record = {"events": events, "losses": [float(loss) for loss in losses], **w.meter.report()}
     if w.job.return_grads and k == len(w.job.data) - 1:
         record["grads"] = {n: (q.grad.detach().cpu().clone() if q.grad is not None else None)
                            for n, q in w.params.items()}

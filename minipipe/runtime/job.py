@@ -35,3 +35,4 @@ class Job:
     save_dir: str | None = None  # checkpoint written here at the end (see minipipe.state)
     save_meta: dict | None = None
     opt_state: dict | None = None  # resuming: optimizer state by parameter name
+    memory: str = "observed"  # activation meter: "observed" or "counted" (see ActivationMeter)

@@ -63,33 +63,61 @@ class RunResult:
         return sorted((r for r in self.ranks if r["replica"] == replica), key=lambda r: r["rank"])
 
     @property
+    def memory_mode(self) -> str:
+        """``"observed"`` (live saved storages sampled after each action) or ``"counted"``."""
+        return self.ranks[0]["steps"][0].get("act_mode", "counted")
+
+    @property
     def peak_activation_bytes(self) -> list[int]:
-        """Measured peak bytes saved for backward, per rank."""
+        """Peak bytes saved for backward, per rank, over all steps: observed (the default: the
+        storages autograd saved that were still alive, sampled after every action) or counted,
+        as :attr:`memory_mode` says."""
         return self._by_rank("act_peak_bytes")
 
     @property
     def cuda_peak_bytes(self) -> list[int] | None:
-        """``torch.cuda.max_memory_allocated`` per rank in the last step (None on CPU)."""
+        """``torch.cuda.max_memory_allocated`` per rank in the last step (None on CPU).
+
+        Everything the CUDA allocator held at its high point: weights, gradients, optimizer
+        state, received buffers, backward's temporaries and the allocator's rounding, as well
+        as the saved activations that :attr:`peak_activation_bytes` observes.
+        """
         peaks = [r["steps"][-1].get("cuda_peak_bytes") for r in self._reports()]
         return None if None in peaks else peaks
 
     @property
     def activation_bytes_per_mb(self) -> list[dict[int, int]]:
-        """Measured bytes saved by one micro-batch, per rank and chunk."""
+        """Bytes the first micro-batch's forward saved, per rank and chunk (observed or counted)."""
         return self._by_rank("act_bytes_per_mb")
+
+    def activation_bytes(self, step: int = -1) -> list[dict[tuple[int, int], int]]:
+        """Bytes each micro-batch's forward saved in ``step``, per rank: ``{(chunk, mb): bytes}``."""
+        return [r["steps"][step]["act_bytes"] for r in self._reports()]
+
+    def activation_trace(self, rank: int, step: int = -1) -> list[tuple[str, int, dict]]:
+        """``(action, live bytes after it, {(chunk, mb): bytes still alive})`` for each action
+        of ``rank`` in ``step`` (counted mode: what the bookkeeping says)."""
+        return list(self._reports()[rank]["steps"][step]["act_trace"])
 
     @property
     def predicted_activation_bytes(self) -> list[int]:
-        """Peak per rank predicted from the schedule order × bytes of one micro-batch."""
+        """Peak per rank predicted from the schedule order and each micro-batch's saved bytes.
+
+        A micro-batch's bytes are held from its ``F`` until its ``B`` (split backward: its
+        ``W``); the largest sum over the order is the prediction (the largest over steps).
+        """
+        freed = Kind.W if self.schedule.split_backward else Kind.B
         out = []
         for r, order in enumerate(self.schedule.ranks):
-            per = self.activation_bytes_per_mb[r]
-            live = peak = 0
-            for a in order:
-                freed = Kind.W if self.schedule.split_backward else Kind.B
-                live += per[a.chunk] if a.kind is Kind.F else (-per[a.chunk] if a.kind is freed else 0)
-                peak = max(peak, live)
-            out.append(peak)
+            best = 0
+            for step in range(len(self.ranks[0]["steps"])):
+                per = self.activation_bytes(step)[r]
+                live = 0
+                for a in order:
+                    n = per[(a.chunk, a.mb)]
+                    live += n if a.kind is Kind.F else (-n if a.kind is freed else 0)
+                    best = max(best, live)
+            out.append(best)
         return out
 
     @property
@@ -139,8 +167,9 @@ class RunResult:
                "not speed-up)" if i.get("staged") else ""),
             f"median step time {self.step_time * 1e3:.1f} ms | bubble {tl.bubble_fraction:.1%} of "
             f"the step, {tl.bubble_overhead:.1%} of useful work (measured, last step)",
-            "peak activation bytes per rank: measured " + str(self.peak_activation_bytes)
-            + ", predicted " + str(self.predicted_activation_bytes),
+            f"peak activation bytes per rank: {self.memory_mode} {self.peak_activation_bytes}, "
+            f"predicted from the schedule order {self.predicted_activation_bytes}"
+            + (f" | CUDA max allocated {self.cuda_peak_bytes}" if self.cuda_peak_bytes else ""),
             f"messages per step: {self.messages}; losses: " + ", ".join(f"{l:.4f}" for l in self.losses),
         ]
         if i.get("ranks_exceed_cores"):

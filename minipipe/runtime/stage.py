@@ -51,7 +51,7 @@ class StageWorker:
         self.plan = comm_plan(self.sched)[self.rank]
         self.p2p = P2P(ctx.device, ctx.staged, offset=self.replica * p)
         self.meta: dict[tuple[str, int], TensorMeta] = {}
-        self.meter = ActivationMeter(list(self.params.values()))
+        self.meter = ActivationMeter(list(self.params.values()), job.memory)
         self.opt = self._optimizer()
         if job.opt_state and self.opt:  # resuming: weights came in the model, optimizer state by name
             restore_optimizer(self.opt, self.params, job.opt_state)
