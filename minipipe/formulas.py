@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from .schedules.base import make_placement
 
 __all__ = [
-    "activation_memory_ratio_interleaved", "bubble_fraction", "bubble_overhead", "ideal_time",
-    "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
+    "activation_memory_ratio_interleaved", "bubble_fraction", "bubble_overhead", "gpipe_step_time",
+    "ideal_time", "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
 ]
 
 _NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1"}
@@ -76,6 +76,25 @@ def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: f
     if name == "interleaved":
         return (m + (p - 1) / v) * work
     return (m + p - 1) * (t_f + t_b) + max(1, m - p + 1) * t_w  # zb-h1
+
+
+def gpipe_step_time(t_f: list[float], t_b: list[float], m: int) -> float:
+    """GPipe's step time with unequal stages (``t_f[s]``, ``t_b[s]`` per stage, no ``W``):
+    ``Σ_s (t_f[s] + t_b[s]) + (m − 1)·(max_s t_f[s] + max_s t_b[s])``.
+
+    The forwards flow through the stages at the pace of the slowest forward, the backwards at
+    the pace of the slowest backward, and a rank starts its backwards only after its last
+    forward. ``(m − 1)·max_s (t_f[s] + t_b[s])`` instead is right only when one stage is the
+    slowest in both passes (for 1F1B it is the cost of each extra micro-batch in the steady
+    state, not a closed form for the step).
+
+    Example:
+        >>> gpipe_step_time([1, 3, 1, 1], [2, 2, 2, 6], m=8)
+        81
+    """
+    if len(t_f) != len(t_b) or not t_f or m < 1:
+        raise ValueError("t_f and t_b need one cost per stage, and m >= 1")
+    return sum(t_f) + sum(t_b) + (m - 1) * (max(t_f) + max(t_b))
 
 
 def utilization(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: float = 0,
