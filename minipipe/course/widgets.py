@@ -242,7 +242,7 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
         "m": _int("m (micro-batches)", m, 1, 32),
         "v": _int("v (chunks/rank)", v, 2, 4),
         "t_b": _float("t_b / t_f", t_b, 0.5, 4.0, 0.25),
-        "t_w": _float("t_w / t_f (W part of t_b)", t_w, 0.0, 2.0, 0.25),
+        "t_w": _float("t_w / t_f (W; backward = t_b + t_w)", t_w, 0.0, 2.0, 0.25),
         "slow_stage": _int("slow stage", slow_stage, 0, 31),
         "slow_factor": _float("slow ×", slow_factor, 1.0, 4.0, 0.25),
     }
