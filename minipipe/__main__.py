@@ -141,7 +141,7 @@ def figures(result: Any, schedule: Any) -> tuple[dict[str, Any], Any]:
                           "overhead": predicted.bubble_overhead, "step_time": predicted.step_time,
                           "from_mean_times": {f"t_{k.lower()}": t for k, t in mean.items()}},
         },
-        "peak_activation_bytes": {"measured": result.peak_activation_bytes,
+        "peak_activation_bytes": {result.memory_mode: result.peak_activation_bytes,  # "observed"
                                   "predicted": result.predicted_activation_bytes},
         "messages": {"measured": result.messages, "predicted": predicted.messages},
     }

@@ -36,7 +36,7 @@ def test_run_writes_json_plot_and_trace(tmp_path):
         assert 0 <= report["bubble"][which]["fraction"] < 1
     assert set(report["bubble"]["predicted"]["from_mean_times"]) == {"t_f", "t_b"}
     peaks = report["peak_activation_bytes"]
-    assert peaks["measured"] == peaks["predicted"] and len(peaks["measured"]) == 2
+    assert peaks["observed"] == peaks["predicted"] and len(peaks["observed"]) == 2
     assert report["messages"] == {"measured": 8, "predicted": 8}  # 2(p − 1)m
     check = report["check"]
     assert check["passed"] is True and check["max_abs_grad_diff"] <= 1e-4

@@ -13,8 +13,8 @@ def interleaved(p: int, m: int, v: int = 2) -> Schedule:
     Micro-batches go through the chunks in groups of ``p``; rank ``r`` warms up with
     ``2(p − r − 1) + (v − 1)p`` forwards. Bubble ``(p − 1)/(v·m)`` relative to useful work
     (``(p − 1)/(v·m + p − 1)`` of the step). Peak in-flight (chunk, micro-batch) stashes on
-    rank 0: ``min(v·m, (v − 1)p + 2(p − 1) + 1)`` (later ranks hold fewer, but more than under
-    1F1B relative to what 1F1B gave them). Messages: ``2(p·v − 1)·m`` per step, i.e.
+    rank 0: ``min(v·m, (v − 1)p + 2(p − 1) + 1)`` (later ranks hold fewer, but a larger multiple
+    of what they hold under 1F1B). Messages: ``2(p·v − 1)·m`` per step, i.e.
     ``(p·v − 1)/(p − 1)`` times 1F1B's (at least ``v``; 3× for ``p = 2``, ``v = 2``).
 
     Raises:
