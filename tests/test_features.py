@@ -131,6 +131,8 @@ def test_checkpointing_keeps_gradients_and_saves_only_stage_boundaries():
     ref = reference(model, F.mse_loss, data)
     for run in runs.values():
         assert_matches(run, ref)
+        assert run.memory_mode == "observed"
+        assert run.peak_activation_bytes == run.predicted_activation_bytes  # nothing outlives B
     # What the last stage's loss saves lies outside the checkpointed stage: the MSE keeps its
     # input (the stage output) and the target. That is the only margin, and it is exact.
     meter = ActivationMeter([])
