@@ -175,9 +175,9 @@ def messages(p: int, m: int, v: int = 1,
 
     Each of the ``p·v − 1`` stage boundaries carries one activation forward and one gradient
     back per micro-batch, and with the loop placement and ``p > 1`` every boundary crosses
-    ranks: ``v×`` more (nearly) for interleaved than for 1F1B. The V placement keeps the
-    ``v − 1`` turns of the V on one rank (stage ``p − 1`` hands over to stage ``p`` in memory):
-    ``2·v·(p − 1)·m``. Any other placement: two messages per micro-batch per boundary whose
+    ranks: ``(p·v − 1)/(p − 1)`` times 1F1B's for interleaved (at least ``v``; 3× at
+    ``p = v = 2``). The V placement keeps the ``v − 1`` turns of the V on one rank (stage
+    ``p − 1`` hands over to stage ``p`` in memory): ``2·v·(p − 1)·m``. Any other placement: two messages per micro-batch per boundary whose
     two stages sit on different ranks.
     """
     place = make_placement(placement, p, v)
