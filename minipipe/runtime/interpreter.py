@@ -31,7 +31,7 @@ from .config import check_boundary
 from .job import Batch
 from .stage import StageWorker
 
-__all__ = ["run_step", "rank_main"]
+__all__ = ["run_step", "rank_main", "rank_report"]
 
 
 def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
@@ -181,6 +181,12 @@ def rank_main(ctx: Any, job: Any) -> dict[str, Any]:
     if job.save_dir is not None:
         ctx.status("saving its checkpoint")
         save_rank(worker, job.save_dir, job.save_meta)
+    return rank_report(ctx, worker, steps)
+
+
+def rank_report(ctx: Any, worker: StageWorker, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One rank's report to the caller: its steps, memory and message counters, weights."""
+    job = worker.job
     out: dict[str, Any] = {
         "rank": worker.rank, "replica": worker.replica, "steps": steps,
         "act_bytes_per_mb": dict(worker.meter.per_mb), "act_peak_bytes": worker.meter.peak,
