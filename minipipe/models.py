@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ResidualMLP", "mlp", "mlp_batch", "Embed", "Block", "Head", "gpt", "gpt_loss",
-           "FixedTimeBlock", "stand_in", "backward_phase"]
+           "FixedTimeBlock", "stand_in", "stand_in_gpt", "backward_phase"]
 
 
 class ResidualMLP(nn.Module):
@@ -56,8 +56,9 @@ class Embed(nn.Module):
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(context, width)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = torch.arange(idx.shape[1], device=idx.device)
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        # start: position of idx[:, 0] (generation with a KV cache feeds one token at a time)
+        t = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.tok(idx) + self.pos(t)  # (B, T, C)
 
 
@@ -72,11 +73,22 @@ class Block(nn.Module):
         self.proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``cache``: this block's keys and values of earlier positions (generation); the new
+        ones are appended to it, and the queries attend to all of them."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (z.view(B, T, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, C/h)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v  # (B, h, past + T, C/h)
+        past = k.shape[2] - T
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, C/h)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln2(x))
 
@@ -173,3 +185,12 @@ def stand_in(stages: int, width: int = 8, t_f: float = 0.01, t_b: float = 0.02, 
     slow = slow or {}
     return nn.Sequential(*[FixedTimeBlock(width, t_f * slow.get(s, 1), t_b * slow.get(s, 1),
                                           t_w * slow.get(s, 1)) for s in range(stages)])
+
+
+def stand_in_gpt(layers: int, vocab: int = 32, context: int = 64, width: int = 8,
+                 t_f: float = 0.01, seed: int = 0) -> nn.Sequential:
+    """``[Embed, FixedTimeBlock × layers, Head]``: a token model whose blocks take ``t_f`` per
+    forward whatever the sequence length, for generation timelines (tokens meaningless)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(Embed(vocab, context, width), *stand_in(layers, width, t_f=t_f),
+                         Head(width, vocab))

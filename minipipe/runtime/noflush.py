@@ -132,7 +132,7 @@ def emulate(model: nn.Sequential, loss_fn: Callable, data: Sequence[Batch], *, p
         ``{"losses": [per batch], "params": {name: tensor}}``, names as in :class:`RunResult`.
     """
     if weights not in ("stash", "2bw"):
-        raise ConfigError(f"emulate() knows the rules 'stash' and '2bw'; {weights!r} has none")
+        raise ConfigError(f"emulate() knows the rules 'stash' and '2bw'; {weights!r} has no rule")
     model = copy.deepcopy(model)
     layers = list(model)
     bounds = bounds or split_evenly(len(layers), p)
