@@ -27,11 +27,13 @@ __all__ = [
     "Schedule", "W", "gpipe", "interleaved", "make_schedule", "naive", "one_f_one_b",
     "parse_actions", "zb_h1", "simulate", "Event", "Timeline", "ScheduleError", "dry_run",
     "validate", "train", "reference", "RunResult", "ConfigError", "WorkerError", "PipelineTimeout",
+    "train_async", "generate",
 ]
 
 _LAZY = {
     "train": "runtime", "reference": "runtime", "RunResult": "runtime", "ConfigError": "errors",
     "WorkerError": "runtime.launch", "PipelineTimeout": "runtime.launch",
+    "train_async": "runtime.noflush", "generate": "runtime.inference",
 }
 
 

@@ -93,6 +93,11 @@ def test_pipelined_tokens_equal_one_process(p, groups):
     tl = got.timeline
     assert len(tl.events) == p * groups * 8  # every stage pass of every group, once
     assert all(len(t) == 8 for t in got.token_times) and got.tokens_per_s > 0
+    # each rank holds the keys and values of its own blocks for every group: 2·B·(T+n−1)·C floats
+    blocks = [sum(isinstance(layer, Block) for layer in model[lo:hi])
+              for lo, hi in zip(got.info["bounds"], got.info["bounds"][1:])]
+    per_block = sum(2 * b * (t + 8 - 1) * 16 * 4 for b, t in GROUPS[:groups])
+    assert got.info["kv_bytes"] == [n * per_block for n in blocks]
 
 
 @pytest.mark.slow

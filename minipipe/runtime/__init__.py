@@ -9,6 +9,9 @@
 - :mod:`~minipipe.runtime.autograd`: the activation meter and the split backward (B, W).
 - :mod:`~minipipe.runtime.caller`: :func:`train` and :func:`reference`;
   :mod:`~minipipe.runtime.result`: :class:`RunResult`.
+- beyond the flush: :mod:`~minipipe.runtime.noflush` (1F1B over a stream of micro-batches with
+  stashed, double-buffered or no weight versions) and :mod:`~minipipe.runtime.inference`
+  (pipelined greedy generation with a KV cache per stage); both reuse the modules above.
 """
 
 from ..errors import ConfigError

@@ -168,7 +168,9 @@ def _rank_main(ctx: Any, job: _GenJob) -> dict[str, Any]:
                         p2p.send(Message("token", g, r, r, 0), nxt)
             events.append((g, start, time.perf_counter() - t0))
     p2p.flush()
-    out: dict[str, Any] = {"rank": r, "events": events, "device": str(dev), "backend": ctx.backend}
+    kv = sum(t.untyped_storage().nbytes() for group in caches for c in group for t in c.values())
+    out: dict[str, Any] = {"rank": r, "events": events, "device": str(dev), "backend": ctx.backend,
+                           "kv_bytes": kv}
     if r == p - 1:
         out["tokens"] = [torch.stack(t, dim=1) for t in tokens]
         out["times"] = times
@@ -216,9 +218,10 @@ def generate(model: nn.Sequential, prompts: Sequence[torch.Tensor], new_tokens: 
     sched = inference_schedule(p, len(prompts), new_tokens)
     events = [Event(rep["rank"], F(g), s, e) for rep in ranks for g, s, e in rep["events"]]
     cores = os.cpu_count() or 1
-    info = {"p": p, "groups": len(prompts), "new_tokens": new_tokens, "wall_time": wall,
+    info = {"p": p, "bounds": bounds, "groups": len(prompts), "new_tokens": new_tokens, "wall_time": wall,
             "backend": ranks[0]["backend"], "device": ranks[0]["device"].split(":")[0],
-            "cores": cores, "ranks_exceed_cores": p > cores and ranks[0]["device"] == "cpu"}
+            "cores": cores, "ranks_exceed_cores": p > cores and ranks[0]["device"] == "cpu",
+            "kv_bytes": [rep["kv_bytes"] for rep in ranks]}  # KV cache held per rank at the end
     last = ranks[-1]
     return GenResult(last["tokens"], last["times"], Timeline(sched, events, source="measured"),
                      info)
