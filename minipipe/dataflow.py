@@ -23,7 +23,8 @@ the same rank hand tensors over in memory: no channel.
 
 from __future__ import annotations
 
-from operator import add, attrgetter
+from collections import deque
+from operator import add, attrgetter, lt
 
 from .schedules import Kind, Schedule
 
@@ -62,7 +63,7 @@ def compile_schedule(schedule: Schedule,
     n_kinds = 3 if split else 2
     place = schedule.placement
     offset = {id(Kind.F): 0, id(Kind.B): v, id(Kind.W): 2 * v}  # row = offset[kind] + chunk
-    plans, mb_rows = [], []
+    plans = []
     for r, order in enumerate(schedule.ranks):
         if len(order) != n_kinds * m * v:
             raise Invalid(f"rank {r} has {len(order)} actions, expected {n_kinds * m * v}")
@@ -94,23 +95,27 @@ def compile_schedule(schedule: Schedule,
             raise Invalid(f"rank {r} runs an action twice")
         plans.append((keys, list(map(add, map(dep.__getitem__, rows), mbs)),
                        list(map(lag.__getitem__, rows)), list(map(dur.__getitem__, rows))))
-        by_row = sorted(range(len(order)), key=rows.__getitem__)  # stable: order within a row
-        mb_rows.append(list(map(mbs.__getitem__, by_row)))
-    _check_channels(schedule, mb_rows)
+    _check_channels(schedule, plans)
     return plans
 
 
-def _check_channels(schedule: Schedule, mb_rows: list[list[int]]) -> None:
-    """Each channel is consumed in the order it is produced (rows hold ``m`` actions each)."""
-    m, v, place = schedule.m, schedule.v, schedule.placement
+def _check_channels(schedule: Schedule, plans: list[Plan]) -> None:
+    """Each channel is consumed in the order it is produced: the micro-batches of ``F`` (or
+    ``B``) on the two stages of a boundary come in the same order on their ranks."""
+    m, S = schedule.m, schedule.num_stages
+    position = [0] * (m + 3 * S * m)  # of each action (by key) in its rank's order
+    for keys, *_ in plans:
+        deque(map(position.__setitem__, keys, range(len(keys))), maxlen=0)
 
-    def seq(stage: int, kind: int) -> list[int]:
-        r, c = place[stage]
-        row = kind * v + c
-        return mb_rows[r][row * m:(row + 1) * m]
+    def same_order(a: int, b: int) -> bool:  # keys a.., b..: m micro-batches of one stage each
+        pa, pb = position[a:a + m], position[b:b + m]
+        if all(map(lt, pa, pa[1:])) and all(map(lt, pb, pb[1:])):
+            return True  # both in micro-batch order (the usual case, checked in C)
+        return sorted(range(m), key=pa.__getitem__) == sorted(range(m), key=pb.__getitem__)
 
     for s in crossing_edges(schedule):
-        if seq(s, 0) != seq(s + 1, 0) or seq(s + 1, 1) != seq(s, 1):
+        f, b = m + s * m, m + S * m + s * m  # keys of F(s, 0) and B(s, 0)
+        if not (same_order(f, f + m) and same_order(b + m, b)):
             raise Invalid(f"a channel of stage boundary {s} → {s + 1} is received out of order")
 
 
@@ -127,7 +132,7 @@ def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]
     starts = [[0.0] * len(plan[0]) for plan in plans]
     free = [0.0] * p  # when each rank is next idle
     at = [0] * p  # next action of each rank
-    waiting: dict[int, int] = {}  # key of a missing result -> the one rank that can wait for it
+    waiter = [-1] * size  # key of a missing result -> the one rank that waits for it
     ready = list(range(p - 1, -1, -1))
     while ready:
         r = ready.pop()
@@ -135,10 +140,9 @@ def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]
         st = starts[r]
         k, n, t = at[r], len(keys), free[r]
         while k < n:
-            d = deps[k]
-            done = finish[d]
+            done = finish[deps[k]]
             if done < 0:  # blocked: park until the dependency runs
-                waiting[d] = r
+                waiter[deps[k]] = r
                 break
             done += lags[k]
             if done > t:
@@ -147,8 +151,8 @@ def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]
             t += durs[k]
             key = keys[k]
             finish[key] = t
-            if key in waiting:
-                ready.append(waiting.pop(key))
+            if waiter[key] >= 0:
+                ready.append(waiter[key])
             k += 1
         at[r], free[r] = k, t
     if any(at[r] < len(plans[r][0]) for r in range(p)):

@@ -108,7 +108,8 @@ def save_meta(model: nn.Sequential, schedule: Schedule, bounds: list[int], dp: i
               optimizer: str | Callable) -> dict[str, Any]:
     """What every rank's file records about the run (built once, by the caller)."""
     return {"format": FORMAT, "run": uuid.uuid4().hex, "step": step, "dp": dp,
-            "schedule": {"name": schedule.name, "p": schedule.p, "m": schedule.m, "v": schedule.v},
+            "schedule": {"name": schedule.name, "p": schedule.p, "m": schedule.m, "v": schedule.v,
+                         "placement": [list(rc) for rc in schedule.placement]},
             "bounds": list(bounds), "world_size": dp * schedule.p,
             "optimizer": optimizer_name(optimizer, model.parameters()), **layout(model)}
 

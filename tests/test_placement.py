@@ -14,24 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipipe import (
-    Action,
-    Kind,
-    Schedule,
-    ScheduleError,
-    dry_run,
-    formulas,
-    simulate,
-    validate,
-)
+from minipipe import (Action, Kind, Schedule, ScheduleError, dry_run, formulas, make_schedule,
+                      one_f_one_b, simulate, validate, zb_h1)
 from minipipe.schedules.base import make_placement
-from minipipe.validate import (
-    _check_channels,
-    _check_complete,
-    _check_local_deps,
-    _dry_run_ticks,
-    comm_plan,
-)
+from minipipe.validate import (_check_channels, _check_complete, _check_local_deps,
+                               _dry_run_ticks, comm_plan)
 
 
 def torch_zbv(p: int, m: int) -> Schedule:
@@ -304,3 +291,53 @@ def test_fast_simulator_matches_the_plain_one_bit_for_bit(s, data):
     tl = simulate(s, tf, tb, tw, comm=comm)
     want = plain_simulate(s, tf, tb, tw, comm)
     assert {(e.rank, e.action): (e.start, e.end) for e in tl.events} == want
+
+
+# ---------------------------------------------------------------------------- fast generators
+
+
+def zb_h1_plain(p: int, m: int) -> Schedule:
+    """ZB-H1's rule played the plain way: every step, scan all ranks for the earliest start."""
+    todo = [list(order) for order in one_f_one_b(p, m).ranks]
+    ranks: list[list[Action]] = [[] for _ in range(p)]
+    free, finish = [0] * p, {}
+    waiting_w: list[list[int]] = [[] for _ in range(p)]
+
+    def ready(r: int, a: Action) -> int | None:
+        if a.kind is Kind.F:
+            return 0 if r == 0 else finish.get((r - 1, a))
+        return 0 if r == p - 1 else finish.get((r + 1, a))
+
+    while any(todo) or any(waiting_w):
+        best = None
+        for r in range(p):
+            t = ready(r, todo[r][0]) if todo[r] else None
+            must_w = len(waiting_w[r]) > r or not todo[r]
+            if waiting_w[r] and (must_w or t is None or t > free[r]):
+                cand = (free[r], r, True)
+            elif todo[r] and t is not None:
+                cand = (max(free[r], t), r, False)
+            else:
+                continue
+            best = cand if best is None or cand < best else best
+        start, r, do_w = best
+        a = Action(Kind.W, waiting_w[r].pop(0)) if do_w else todo[r].pop(0)
+        if a.kind is Kind.B:
+            waiting_w[r].append(a.mb)
+        free[r] = finish[(r, a)] = start + 1
+        ranks[r].append(a)
+    return Schedule(ranks, m=m, v=1, name="zb-h1")
+
+
+def test_zb_h1_heap_order_equals_the_plain_scan():
+    for p in range(1, 9):
+        for m in range(1, 18):
+            assert zb_h1(p, m) == zb_h1_plain(p, m), (p, m)
+    assert zb_h1(24, 61) == zb_h1_plain(24, 61)
+
+
+def test_generated_actions_are_shared_and_equal_to_fresh_ones():
+    s = make_schedule("interleaved", 2, 4, 2)
+    assert s.ranks[0][0] is s.ranks[1][0] and s.ranks[0][0] == Action(Kind.F, 0, 0)
+    assert Schedule([list(o) for o in s.ranks]) == Schedule([str(s).splitlines()[1][8:],
+                                                             str(s).splitlines()[2][8:]])

@@ -8,7 +8,8 @@ For each action of its list a rank does three things, in this order:
    backward (or only its input-gradient half, for a split backward), ``W`` the weight half;
 3. **send** the result on (the activation downstream, the input gradient upstream).
 
-A stage whose neighbour sits on the same rank (``p = 1``) hands the tensor over in memory.
+A stage whose neighbour sits on the same rank (the schedule's placement says where each
+stage runs: ``p = 1``, or the turn of a V) hands the tensor over in memory.
 After the last action the rank syncs tied and data-parallel gradients and steps its optimizer
 (the flush). Everything that outlives one step lives in the
 :class:`~minipipe.runtime.stage.StageWorker`.
@@ -134,7 +135,7 @@ def _finish_step(w: StageWorker, k: int, events: list, losses: list) -> dict[str
 
 def _hand_over(w: StageWorker, a: Action, s: int, tensor: torch.Tensor | None, local: dict,
                sent: bool) -> None:
-    """Keep a result for the next stage when that stage runs on this rank (``p == 1``)."""
+    """Keep a result for the next stage when that stage runs on this rank (no message)."""
     if tensor is None or sent or a.kind is Kind.W:
         return
     nxt = s + 1 if a.kind is Kind.F else s - 1

@@ -14,11 +14,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ..dataflow import crossing_edges
 from ..errors import ConfigError
 from ..state import param_names, restore_optimizer
 from ..validate import comm_plan
 from .autograd import ActivationMeter
-from .comm import P2P, TensorMeta
+from .comm import P2P, TensorMeta, channel_groups
 from .job import Job
 from .launch import Context
 
@@ -49,7 +50,8 @@ class StageWorker:
         ckpt = job.checkpoint
         self.ckpt_stages = set(range(self.last + 1)) if ckpt is True else set(ckpt or ())
         self.plan = comm_plan(self.sched)[self.rank]
-        self.p2p = P2P(ctx.device, ctx.staged, offset=self.replica * p)
+        self.p2p = P2P(ctx.device, ctx.staged, offset=self.replica * p,
+                       channel_groups=self._channel_groups())
         self.meta: dict[tuple[str, int], TensorMeta] = {}
         self.meter = ActivationMeter(list(self.params.values()), job.memory)
         self.opt = self._optimizer()
@@ -82,7 +84,7 @@ class StageWorker:
         for s in range(self.last + 1):
             for layer in layers[self.job.bounds[s]:self.job.bounds[s + 1]]:
                 for prm in layer.parameters():
-                    holders[names[id(prm)]].add(s % p)
+                    holders[names[id(prm)]].add(self.sched.place(s)[0])
         groups = {}
         for name in sorted(n for n, h in holders.items() if len(h) > 1):
             for d in range(self.job.dp):  # every process creates every group, in one order
@@ -91,6 +93,16 @@ class StageWorker:
                 if d == self.replica and name in self.params:
                     groups[name] = (group, ranks[0])
         return groups
+
+    def _channel_groups(self) -> dict | None:
+        """NCCL matches messages by posting order, not tag: a process group per channel."""
+        if self.ctx.backend != "nccl":
+            return None  # gloo: one tag per channel (see comm.channel_tag)
+        place, channels = self.sched.placement, []
+        for s in crossing_edges(self.sched):
+            channels.append((("activation", s), place[s][0], place[s + 1][0]))
+            channels.append((("gradient", s + 1), place[s + 1][0], place[s][0]))
+        return channel_groups(channels, self.job.dp, self.sched.p, self.replica)
 
     def _dp_group(self) -> Any:
         if self.job.dp == 1:

@@ -16,12 +16,14 @@ as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
 from __future__ import annotations
 
 import enum
+import functools
 import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
-__all__ = ["Kind", "Action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes",
+__all__ = ["Kind", "Action", "action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes",
            "make_placement"]
 
 
@@ -63,19 +65,25 @@ class Action:
         return f"{self.kind.value} of micro-batch {self.mb}{chunk}"
 
 
+@functools.cache
+def action(kind: Kind, mb: int, chunk: int = 0) -> Action:
+    """``Action(kind, mb, chunk)``, one shared object per value (generators make millions)."""
+    return Action(kind, mb, chunk)
+
+
 def F(mb: int, chunk: int = 0) -> Action:
     """Forward of micro-batch ``mb`` on chunk ``chunk``."""
-    return Action(Kind.F, mb, chunk)
+    return action(Kind.F, mb, chunk)
 
 
 def B(mb: int, chunk: int = 0) -> Action:
     """Backward (input gradient if the schedule splits backward) of ``mb`` on ``chunk``."""
-    return Action(Kind.B, mb, chunk)
+    return action(Kind.B, mb, chunk)
 
 
 def W(mb: int, chunk: int = 0) -> Action:
     """Weight-gradient part of the backward of ``mb`` on ``chunk``."""
-    return Action(Kind.W, mb, chunk)
+    return action(Kind.W, mb, chunk)
 
 
 _TOKEN = re.compile(r"^(\d*)([FBW])(\d+)$")
@@ -93,13 +101,16 @@ def parse_actions(text: str) -> tuple[Action, ...]:
         if not match:
             raise ValueError(f"cannot read action {token!r}: write e.g. F3, B3, W3 or 1F3 (chunk 1)")
         chunk, kind, mb = match.groups()
-        actions.append(Action(Kind(kind), int(mb), int(chunk or 0)))
+        actions.append(action(Kind(kind), int(mb), int(chunk or 0)))
     return tuple(actions)
 
 
 def _as_actions(rank: Iterable[Action | str] | str) -> tuple[Action, ...]:
     if isinstance(rank, str):
         return parse_actions(rank)
+    rank = tuple(rank)
+    if set(map(type, rank)) <= {Action}:  # the generators' case, checked in C
+        return rank
     out: list[Action] = []
     for a in rank:
         out.extend(parse_actions(a) if isinstance(a, str) else [a])
@@ -145,10 +156,13 @@ class Schedule:
         orders = tuple(_as_actions(r) for r in ranks)
         if not orders:
             raise ValueError("a schedule needs at least one rank")
-        every = [a for order in orders for a in order]
         object.__setattr__(self, "ranks", orders)
-        object.__setattr__(self, "m", m if m is not None else 1 + max((a.mb for a in every), default=-1))
-        object.__setattr__(self, "v", v if v is not None else 1 + max((a.chunk for a in every), default=0))
+        if m is None:
+            m = 1 + max((max(map(attrgetter("mb"), o), default=-1) for o in orders), default=-1)
+        if v is None:
+            v = 1 + max((max(map(attrgetter("chunk"), o), default=0) for o in orders), default=0)
+        object.__setattr__(self, "m", m)
+        object.__setattr__(self, "v", v)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "placement", make_placement(placement, len(orders), self.v))
         stage_of = [[-1] * self.v for _ in orders]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Action, Kind, Schedule, check_sizes
+from .base import Action, Kind, Schedule, action, check_sizes
 
 __all__ = ["interleaved"]
 
@@ -33,7 +33,7 @@ def interleaved(p: int, m: int, v: int = 2) -> Schedule:
     def nth(k: int, forward: bool) -> Action:
         chunk = (k // p) % v  # groups of p micro-batches per chunk
         mb = (k // (p * v)) * p + k % p
-        return Action(Kind.F if forward else Kind.B, mb, chunk if forward else v - 1 - chunk)
+        return action(Kind.F if forward else Kind.B, mb, chunk if forward else v - 1 - chunk)
 
     ranks = []
     for r in range(p):
