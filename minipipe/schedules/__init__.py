@@ -21,11 +21,13 @@ from .base import Action, B, F, Kind, Schedule, W, check_sizes, parse_actions
 from .fill_drain import gpipe, naive
 from .interleaved import interleaved
 from .one_f_one_b import one_f_one_b
-from .zero_bubble import zb_h1
+from .v_shape import OverlapSchedule, dualpipev, zb_v
+from .zero_bubble import zb_h1, zb_h2
 
 __all__ = [
     "Kind", "Action", "F", "B", "W", "Schedule", "parse_actions",
-    "naive", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "SCHEDULES", "make_schedule",
+    "naive", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "zb_h2",
+    "zb_v", "dualpipev", "OverlapSchedule", "SCHEDULES", "make_schedule",
 ]
 
 
@@ -35,6 +37,9 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "1f1b": one_f_one_b,
     "interleaved": interleaved,
     "zb-h1": zb_h1,
+    "zb-h2": zb_h2,
+    "zb-v": zb_v,
+    "dualpipev": dualpipev,
 }
 
 
@@ -42,14 +47,17 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     """Build a schedule by name: ``make_schedule("1f1b", p=4, m=8)``.
 
     Args:
-        name: one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``.
-        p: ranks. m: micro-batches. v: chunks per rank (``interleaved`` only; default 2 there).
+        name: one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
+            ``zb-v``, ``dualpipev``.
+        p: ranks. m: micro-batches. v: chunks per rank (``interleaved`` only; default 2 there;
+            ``zb-v`` and ``dualpipev`` always have 2, on the V placement).
 
     Raises:
         ValueError: unknown name, or ``v > 1`` for a schedule without chunks.
     """
     key = name.lower().replace("_", "-")
-    key = {"zbh1": "zb-h1", "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
+    key = {"zbh1": "zb-h1", "zbh2": "zb-h2", "zbv": "zb-v", "dualpipe-v": "dualpipev",
+           "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     check_sizes(p, m)
@@ -58,6 +66,10 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     p, m, v = int(p), int(m), int(v)  # numpy integers too
     if key == "interleaved":
         return interleaved(p, m, v if v > 1 else 2)
+    if key in ("zb-v", "dualpipev"):
+        if v not in (1, 2):
+            raise ValueError(f"schedule {key!r} has two chunks per rank (V placement), not v={v}")
+        return SCHEDULES[key](p, m)
     if v != 1:
         raise ValueError(f"schedule {key!r} has one chunk per rank; v={v} needs 'interleaved'")
     return SCHEDULES[key](p, m)

@@ -4,11 +4,72 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 
-from .base import Action, Kind, Schedule, W, check_sizes
+from .base import Action, B, F, Kind, Schedule, W, check_sizes
 from .one_f_one_b import one_f_one_b
 
-__all__ = ["zb_h1"]
+__all__ = ["zb_h1", "zb_h2"]
+
+
+def _fill_w(todo: list[list[Action]], must_w: Callable[[int, int], bool]) -> list[list[Action]]:
+    """Insert each rank's ``W`` actions into its F/B order, on unit costs (one chunk per rank).
+
+    A deferred ``W`` runs when its rank would otherwise wait for input, when nothing else is
+    left, or when ``must_w(rank, deferred)`` says so. The order is found by playing that rule
+    with ``t_f = t_b = t_w = 1``: every rank's next candidate sits in a heap, the earliest
+    start (then the lowest rank) runs next. A candidate changes only when its rank acts, or
+    when a neighbour finishes the action its next F or B waits for: only those are recomputed
+    (stale entries are skipped), so this is near-linear in the number of actions.
+    """
+    p, m = len(todo), 1 + max(a.mb for order in todo for a in order)
+    todo_q = [deque(order) for order in todo]
+    ranks: list[list[Action]] = [[] for _ in range(p)]
+    free = [0] * p  # when each rank is next idle
+    done = [([-1] * m, [-1] * m) for _ in range(p)]  # per rank: end time of F, of B, per mb
+    waiting_w: list[deque[int]] = [deque() for _ in range(p)]  # micro-batches whose W is deferred
+    weights = [W(i) for i in range(m)]
+
+    def candidate(r: int) -> tuple[int, int, bool] | None:  # (start, rank, is W) or None
+        t = -1  # when the next F or B can start (-1: its input is not there yet)
+        if todo_q[r]:
+            a = todo_q[r][0]
+            if a.kind is Kind.F:
+                t = 0 if r == 0 else done[r - 1][0][a.mb]
+            else:  # the last rank's B follows its own F in every order built here
+                t = 0 if r == p - 1 else done[r + 1][1][a.mb]
+        wait = waiting_w[r]
+        if wait and (must_w(r, len(wait)) or not todo_q[r] or t < 0 or t > free[r]):
+            return (free[r], r, True)  # fill the wait with a deferred W
+        if t >= 0:
+            return (max(free[r], t), r, False)
+        return None
+
+    version = [0] * p
+    heap = [(*c, 0) for c in map(candidate, range(p)) if c is not None]
+    heapq.heapify(heap)
+    while heap:
+        start, r, do_w, ver = heapq.heappop(heap)
+        if ver != version[r]:
+            continue
+        a = weights[waiting_w[r].popleft()] if do_w else todo_q[r].popleft()
+        free[r] = start + 1
+        ranks[r].append(a)
+        touched = [r]
+        if a.kind is Kind.F:
+            done[r][0][a.mb] = start + 1
+            touched.append(r + 1)  # its next action may be this F's successor
+        elif a.kind is Kind.B:
+            done[r][1][a.mb] = start + 1
+            waiting_w[r].append(a.mb)
+            touched.append(r - 1)
+        for q in touched:
+            if q == r or (0 <= q < p and todo_q[q] and todo_q[q][0] == a):
+                version[q] += 1
+                c = candidate(q)
+                if c is not None:
+                    heapq.heappush(heap, (*c, version[q]))
+    return ranks
 
 
 def zb_h1(p: int, m: int) -> Schedule:
@@ -22,53 +83,33 @@ def zb_h1(p: int, m: int) -> Schedule:
     1F1B; counting those that still wait for ``W``, ``min(p, m)`` on every rank: 1F1B's peak.
     """
     check_sizes(p, m)
-    todo = [deque(order) for order in one_f_one_b(p, m).ranks]  # 1F1B's F/B order
-    ranks: list[list[Action]] = [[] for _ in range(p)]
-    free = [0] * p  # when each rank is next idle
-    done = [([-1] * m, [-1] * m) for _ in range(p)]  # per rank: end time of F, of B, per mb
-    waiting_w: list[deque[int]] = [deque() for _ in range(p)]  # micro-batches whose W is deferred
-    weights = [W(i) for i in range(m)]
-
-    def candidate(r: int) -> tuple[int, int, bool] | None:  # (start, rank, is W) or None
-        t = -1  # when the next F or B can start (-1: its input is not there yet)
-        if todo[r]:
-            a = todo[r][0]
-            if a.kind is Kind.F:
-                t = 0 if r == 0 else done[r - 1][0][a.mb]
-            else:
-                t = 0 if r == p - 1 else done[r + 1][1][a.mb]
-        wait = waiting_w[r]
-        if wait and (len(wait) > r or not todo[r] or t < 0 or t > free[r]):
-            return (free[r], r, True)  # fill the wait with a deferred W
-        if t >= 0:
-            return (max(free[r], t), r, False)
-        return None
-
-    # Every rank's current candidate sits in a heap: the earliest start (then the lowest rank)
-    # runs next. A candidate changes only when its rank acts, or when a neighbour finishes the
-    # action its next F or B waits for: only those are recomputed (stale entries are skipped).
-    version = [0] * p
-    heap = [(*c, 0) for c in map(candidate, range(p)) if c is not None]
-    heapq.heapify(heap)
-    while heap:
-        start, r, do_w, ver = heapq.heappop(heap)
-        if ver != version[r]:
-            continue
-        a = weights[waiting_w[r].popleft()] if do_w else todo[r].popleft()
-        free[r] = start + 1
-        ranks[r].append(a)
-        touched = [r]
-        if a.kind is Kind.F:
-            done[r][0][a.mb] = start + 1
-            touched.append(r + 1)  # its next action may be this F's successor
-        elif a.kind is Kind.B:
-            done[r][1][a.mb] = start + 1
-            waiting_w[r].append(a.mb)
-            touched.append(r - 1)
-        for q in touched:
-            if q == r or (0 <= q < p and todo[q] and todo[q][0] == a):
-                version[q] += 1
-                c = candidate(q)
-                if c is not None:
-                    heapq.heappush(heap, (*c, version[q]))
+    ranks = _fill_w([list(o) for o in one_f_one_b(p, m).ranks], lambda r, n: n > r)
     return Schedule(ranks, m=m, v=1, name="zb-h1")
+
+
+def zb_h2(p: int, m: int) -> Schedule:
+    """Zero-bubble ZB-H2 (Qi et al. 2024): a longer warm-up, so no rank waits in the steady state.
+
+    Rank ``r`` runs ``min(2(p − r) − 1, m)`` forwards before its first ``B`` (ZB-H1: ``p − r``),
+    which fills its wait for the first gradient; then ``B`` and ``F`` in turn, a ``W`` filling
+    every wait and forced once rank ``r`` has more than ``2r`` deferred. Step time, for
+    ``m >= 2p − 1`` and ``t_b <= t_f + t_w``: ``m(t_f + t_b + t_w) + (p − 1)·t_f`` — no bubble in
+    the steady state, only the ramp: under our flush (one optimizer step per batch) rank ``r``
+    idles ``r·t_f`` at the start and ``(p − 1 − r)·t_f`` at the end. That beats ZB-H1 by
+    ``(p − 1)(t_b − t_w)``; with ``t_f = t_b = t_w`` the two tie. The paper also removes the
+    ramp by dropping the optimizer's synchronisation ("post-validation"); minipipe keeps it.
+    For smaller ``m`` the simulator is slower than this formula (the warm-up cannot fill).
+
+    Memory: up to ``min(2(p − r) − 1, m)`` micro-batches awaiting ``B`` on rank ``r``, and
+    ``min(2p − 1, m)`` awaiting ``W`` on every rank: about twice 1F1B's ``p``.
+    """
+    check_sizes(p, m)
+    todo = []
+    for r in range(p):
+        warmup = min(2 * (p - r) - 1, m)
+        order = [F(i) for i in range(warmup)]
+        for i in range(m - warmup):  # steady state: B of the oldest, then F of the newest
+            order += [B(i), F(warmup + i)]
+        todo.append(order + [B(i) for i in range(m - warmup, m)])
+    ranks = _fill_w(todo, lambda r, n: n > 2 * r)
+    return Schedule(ranks, m=m, v=1, name="zb-h2")
