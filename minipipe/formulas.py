@@ -7,7 +7,9 @@ micro-batch for a rank's whole share of the model. An unsplit backward costs ``t
 
 For ``interleaved`` the costs are still per rank: each of the ``v`` chunks costs ``t_f/v``,
 ``t_b/v``, ``t_w/v`` (the model is cut into ``p·v`` equal stages). Simulate it with
-``simulate(schedule, t_f / v, t_b / v, t_w / v)`` to compare.
+``simulate(schedule, t_f / v, t_b / v, t_w / v)`` to compare. The same holds for the two
+V-shape schedules ``zb-v`` and ``dualpipev`` (``v = 2``: simulate with ``t / 2``), whose
+memory figures count (chunk, micro-batch) stashes, each half a rank's layers.
 
 The tests check each formula against :func:`~minipipe.simulate.simulate`; where the two
 differ (ZB-H1 with ``m < p`` or ``t_w > min(t_f, t_b)``), the docstring says so.
@@ -24,12 +26,13 @@ __all__ = [
     "ideal_time", "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
 ]
 
-_NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1"}
+_NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev"}
 
 
 def _name(schedule_name: str) -> str:
     key = schedule_name.lower().replace("_", "-")
-    key = {"zbh1": "zb-h1", "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
+    key = {"zbh1": "zb-h1", "zbh2": "zb-h2", "zbv": "zb-v", "dualpipe-v": "dualpipev",
+           "one-f-one-b": "1f1b", "pipedream-flush": "1f1b"}.get(key, key)
     if key not in _NAMES:
         raise ValueError(f"unknown schedule {schedule_name!r}; choose one of {sorted(_NAMES)}")
     return key
@@ -57,9 +60,21 @@ def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: f
       it is ``(m + p − 1)(t_f + t_b) + t_w``. Exact when ``t_w <= min(t_f, t_b)`` (each
       deferred W fits in a gap the length of an F or a B); for a larger ``t_w`` the order,
       built for equal costs, loses time and the simulator is slower than this.
+    - ``zb-h2``: ``m(t_f + t_b + t_w) + (p − 1)·t_f``: no bubble in the steady state, only the
+      ramp of the flush. Exact for ``m >= 2p − 1`` and ``t_b <= 2·min(t_f, t_w)``; otherwise
+      the simulator is slower.
+    - ``zb-v``, ``dualpipev`` (costs per rank, each chunk ``t/2``):
+      ``m(t_f + t_b + t_w) + (p − 1)(t_f + t_b − t_w)/2``. For ``zb-v`` exact with
+      ``t_f = t_b = t_w`` and ``m >= 2p − 1`` (the paper's setting; other ratios can go either
+      way); for ``dualpipev`` exact when ``t_w <= t_b <= t_f <= t_b + t_w`` (``m >= 2p``), the
+      F&B units run one action after the other, as on one CPU core. DeepSeek state
+      ``(PP/2 − 1)(F&B + B − 3W)`` with ``PP = 2p`` stages and ``B`` a whole backward: with
+      ``F&B = F + B`` (no overlap) that is ``(p − 1)(t_f + 2t_b − t_w)/2``, ``(p − 1)·t_b/2``
+      more than the simulator finds for these orders: it bounds the bubble from above.
 
     Args:
-        schedule_name: ``naive``, ``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``.
+        schedule_name: ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
+            ``zb-v`` or ``dualpipev``.
         p: ranks. m: micro-batches. v: chunks per rank (``interleaved``).
         t_f, t_b, t_w: per micro-batch and rank, see the module docstring.
 
@@ -75,6 +90,10 @@ def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: f
         return (m + p - 1) * work
     if name == "interleaved":
         return (m + (p - 1) / v) * work
+    if name == "zb-h2":
+        return m * work + (p - 1) * t_f
+    if name in ("zb-v", "dualpipev"):
+        return m * work + (p - 1) * (t_f + t_b - t_w) / 2
     return (m + p - 1) * (t_f + t_b) + max(1, m - p + 1) * t_w  # zb-h1
 
 
@@ -132,10 +151,21 @@ def peak_inflight(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
     - ``interleaved``: ``min(w_r + 1, v·m)`` chunk-micro-batches with Megatron-LM's warm-up
       ``w_r = 2(p − r − 1) + (v − 1)p`` (all ``v·m`` forwards first when ``m == p``). Each
       is a chunk, ``1/v`` of the rank's layers.
+    - ``zb-h2``: ``min(2(p − r) − 1, m)``: its longer warm-up.
+    - ``zb-v``: ``min(2p, m + 1 + r, 2m)`` chunk stashes (``W`` follows ``B`` closely, so this
+      is also its :func:`peak_pending_w`); ``2p`` is ``p`` micro-batches' worth, 1F1B's peak.
+    - ``dualpipev``: ``2p + 1`` chunk stashes on every rank (``m >= 2p``), DeepSeek's
+      "PP + 1" with ``PP = 2p`` stages.
 
-    For ``zb-h1`` see also :func:`peak_pending_w`.
+    For the split-backward schedules see also :func:`peak_pending_w`.
     """
     name = _name(schedule_name)
+    if name == "zb-h2":
+        return [min(2 * (p - r) - 1, m) for r in range(p)]
+    if name == "zb-v":
+        return [min(2 * p, m + 1 + r, 2 * m) for r in range(p)]
+    if name == "dualpipev":
+        return [2 * p + 1] * p
     if name == "naive":
         return [1] * p
     if name == "gpipe":
@@ -152,11 +182,14 @@ def peak_pending_w(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
     """Per rank, the most (chunk, micro-batch) whose F has run and whose W has not yet.
 
     The activation memory of a split-backward schedule (W needs the stage input):
-    ``min(p, m)`` on every rank for ``zb-h1``, 1F1B's first-stage peak; for the schedules
-    without W this is :func:`peak_inflight`.
+    ``min(p, m)`` on every rank for ``zb-h1``, 1F1B's first-stage peak; ``min(2p − 1, m)`` on
+    every rank for ``zb-h2``, about twice that; for ``zb-v`` and ``dualpipev``, and for the
+    schedules without W, this is :func:`peak_inflight`.
     """
     if _name(schedule_name) == "zb-h1":
         return [min(p, m)] * p
+    if _name(schedule_name) == "zb-h2":
+        return [min(2 * p - 1, m)] * p
     return peak_inflight(schedule_name, p, m, v)
 
 

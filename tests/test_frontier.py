@@ -1,0 +1,204 @@
+"""The frontier schedules: ZB-H2, ZB-V, DualPipeV as data, their closed forms, torch's orders.
+
+Each generator is checked three ways: it validates; the simulator reproduces the closed form
+in :mod:`minipipe.formulas` (on the cost grid where the docstring says it holds) and its peak
+memory; and, for ZB-V and DualPipeV, each rank's order is torch 2.13's
+(``ScheduleZBVZeroBubble`` / ``ScheduleDualPipeV`` expose it as ``pipeline_order``; we call
+their per-rank generator ``_calculate_single_rank_operations`` on a bare instance, which
+needs no process group). The real-rank tests (marked ``slow``) check sequential consistency
+and observed memory on gloo.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+
+from minipipe import formulas, simulate, validate
+from minipipe.schedules import (
+    Action,
+    Kind,
+    OverlapSchedule,
+    dualpipev,
+    make_schedule,
+    zb_h1,
+    zb_h2,
+    zb_v,
+)
+from minipipe.schedules.base import make_placement
+from minipipe.validate import ScheduleError
+
+torch_schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+
+
+# ------------------------------------------------------------------------------- ZB-H2
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_zb_h2_validates_and_holds_its_memory(p):
+    for m in range(1, 3 * p + 2):
+        s = validate(zb_h2(p, m))
+        tl = simulate(s, 1, 1, 1)
+        assert tl.peak_inflight == formulas.peak_inflight("zb-h2", p, m)
+        assert tl.peak_pending_w == formulas.peak_pending_w("zb-h2", p, m)
+    assert max(simulate(zb_h2(p, 4 * p), 1, 1, 1).peak_pending_w) == 2 * p - 1  # rank 0: 2p − 1
+
+
+def test_zb_h2_step_matches_closed_form_where_it_says():
+    """``m(t_f + t_b + t_w) + (p − 1)t_f`` for ``m >= 2p − 1`` and ``t_b <= 2 min(t_f, t_w)``."""
+    checked = 0
+    for f, b, w in itertools.product([1, 2, 3], repeat=3):
+        for p in (2, 3, 4, 5):
+            for m in (2 * p - 1, 2 * p + 2):
+                got = simulate(zb_h2(p, m), f, b, w).step_time
+                want = formulas.step_time("zb-h2", p, m, f, b, w)
+                if b <= 2 * min(f, w):
+                    assert got == pytest.approx(want), (p, m, f, b, w)
+                    checked += 1
+                else:  # outside: the order built for equal costs loses time, never gains
+                    assert got > want
+    assert checked > 100
+
+
+def test_zb_h2_beats_zb_h1_by_p_minus_1_times_tb_minus_tw():
+    for p, m in [(2, 6), (4, 8), (4, 16)]:
+        h1 = simulate(zb_h1(p, m), 1, 2, 1).step_time
+        h2 = simulate(zb_h2(p, m), 1, 2, 1).step_time
+        assert h1 - h2 == pytest.approx((p - 1) * (2 - 1))
+        assert simulate(zb_h2(p, m), 1, 1, 1).step_time == simulate(zb_h1(p, m), 1, 1, 1).step_time
+
+
+# ------------------------------------------------------------------------- torch orders
+
+
+def _torch_orders(cls, p: int, m: int) -> list[list]:
+    """Each rank's action list from torch's generator, without processes or stages."""
+    bare = cls.__new__(cls)
+    bare.pp_group_size, bare._n_microbatches = p, m
+    bare.num_stages = bare._num_stages = 2 * p
+    return [bare._calculate_single_rank_operations(r) for r in range(p)]
+
+
+def _ours(order: tuple[Action, ...]) -> list[tuple[str, int, int]]:
+    return [({"F": "F", "B": "I", "W": "W"}[a.kind.value], a.mb, a.chunk) for a in order]
+
+
+def _theirs(ops: list, rank: int) -> tuple[list[tuple[str, int, int]], int]:
+    """torch's actions as (kind, mb, chunk): ``I`` input grad, a full ``B`` as ``I W``,
+    an overlapped F+B unit as its parts; also the number of overlapped units."""
+    out, pairs = [], 0
+    for op in ops:
+        if op is None:  # a tick where the rank idles in torch's grid
+            continue
+        pairs += bool(op.sub_actions)
+        for a in op.sub_actions or (op,):
+            chunk = 0 if a.stage_index == rank else 1  # V placement: chunk 0 runs stage `rank`
+            kind = a.computation_type.value
+            out += [("I", a.microbatch_index, chunk), ("W", a.microbatch_index, chunk)] \
+                if kind == "B" else [(kind, a.microbatch_index, chunk)]
+    return out, pairs
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_zb_v_is_torchs_order(p):
+    """Identical, action for action. For ``m < 2p − 1`` both cut the order for ``2p − 1``
+    micro-batches down to the first ``m`` (torch leaves ``None`` holes; we drop them)."""
+    for m in range(1, 3 * p + 2):
+        theirs = _torch_orders(torch_schedules.ScheduleZBVZeroBubble, p, m)
+        ours = zb_v(p, m)
+        assert ours.placement == make_placement("v", p, 2)  # (p = 1: same as the loop)
+        for r in range(p):
+            assert _ours(ours.ranks[r]) == _theirs(theirs[r], r)[0], (p, m, r)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6])
+def test_dualpipev_is_torchs_order(p):
+    """Identical once torch's two composite actions are written out: its FULL_BACKWARD is our
+    ``B`` directly followed by ``W`` (one backward, split only on paper), and its OVERLAP_F_B
+    unit is ``F`` followed by the other chunk's ``B W``, recorded in ``overlapped``."""
+    for m in range(2 * p, 2 * p + 5):
+        theirs = _torch_orders(torch_schedules.ScheduleDualPipeV, p, m)
+        ours = dualpipev(p, m)
+        for r in range(p):
+            actions, pairs = _theirs(theirs[r], r)
+            assert _ours(ours.ranks[r]) == actions, (p, m, r)
+            assert len(ours.overlapped[r]) == pairs
+
+
+# -------------------------------------------------------------------- ZB-V and DualPipeV
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_zb_v_validates_simulates_to_closed_form_and_memory(p):
+    for m in range(1, 3 * p + 2):
+        s = validate(zb_v(p, m))
+        tl = simulate(s, 1, 1, 1)  # per chunk: t_f = t_b = t_w = 1, i.e. 2 per rank
+        assert tl.peak_pending_w == formulas.peak_inflight("zb-v", p, m)
+        assert tl.peak_inflight == formulas.peak_inflight("zb-v", p, m)
+        if m >= 2 * p - 1:
+            for t in (1, 2, 3):
+                got = simulate(s, t, t, t).step_time
+                assert got == pytest.approx(formulas.step_time("zb-v", p, m, 2 * t, 2 * t, 2 * t))
+            # 1F1B's peak: 2p half-stashes = p micro-batches of the rank's layers, every rank
+            assert tl.peak_pending_w == [2 * p] * p
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_dualpipev_validates_simulates_to_closed_form_and_memory(p):
+    for m in (2 * p, 2 * p + 1, 3 * p + 2):
+        s = validate(dualpipev(p, m))
+        for f, b, w in itertools.product([1, 2, 3], repeat=3):
+            got = simulate(s, f, b, w).step_time
+            if w <= b <= f <= b + w:  # where the closed form is stated to hold
+                assert got == pytest.approx(formulas.step_time("dualpipev", p, m, 2 * f, 2 * b, 2 * w))
+        tl = simulate(s, 1, 1, 1)
+        assert tl.peak_pending_w == formulas.peak_inflight("dualpipev", p, m) == [2 * p + 1] * p
+
+
+def test_dualpipev_deepseek_bubble_bounds_the_sequential_one():
+    """DeepSeek's ``(PP/2 − 1)(F&B + B − 3W)`` with F&B = F + B (no overlap, as on one CPU
+    core) is ``(p − 1)·t_b`` (per chunk) more than the simulator finds for these orders: their
+    formula treats an F&B unit as indivisible; run one action after the other, the F of a
+    unit need not wait for the B's gradient."""
+    for p in (2, 4, 6):
+        m = 2 * p + 2
+        for f, b, w in [(1, 1, 1), (2, 1, 1), (2, 2, 1), (3, 2, 1)]:
+            bubble = simulate(dualpipev(p, m), f, b, w).step_time - 2 * m * (f + b + w)
+            fb, full_b = f + b + w, b + w
+            deepseek = (2 * p // 2 - 1) * (fb + full_b - 3 * w)
+            assert bubble == pytest.approx(deepseek - (p - 1) * b)
+
+
+def test_dualpipev_needs_two_micro_batches_per_rank_pair():
+    with pytest.raises(ValueError, match="at least as many micro-batches as stages"):
+        dualpipev(3, 5)
+
+
+def test_overlap_schedule_checks_its_pairs_and_pickles():
+    s = dualpipev(2, 4)
+    assert any(s.overlapped)
+    assert pickle.loads(pickle.dumps(s)) == s
+    k = s.overlapped[0][0]
+    assert s.ranks[0][k].kind is Kind.F and s.ranks[0][k + 1].chunk != s.ranks[0][k].chunk
+    with pytest.raises(ValueError, match="overlapped pair"):
+        OverlapSchedule(s.ranks, overlapped=[[0], []], m=4, v=2, placement="v")
+
+
+def test_make_schedule_knows_the_new_names():
+    assert make_schedule("zb-h2", 3, 6) == zb_h2(3, 6)
+    assert make_schedule("ZBV", 2, 4) == zb_v(2, 4)
+    assert make_schedule("dualpipev", 2, 4, v=2) == dualpipev(2, 4)
+    with pytest.raises(ValueError, match="two chunks"):
+        make_schedule("zb-v", 2, 4, v=3)
+
+
+def test_validator_rejects_a_broken_v_order():
+    """Swap two actions of torch's ZB-V order: the validator names the problem."""
+    s = zb_v(2, 4)
+    order = list(s.ranks[1])
+    i, j = order.index(Action(Kind.B, 0, 1)), order.index(Action(Kind.F, 0, 1))
+    order[i], order[j] = order[j], order[i]
+    with pytest.raises(ScheduleError):
+        validate(type(s)([s.ranks[0], order], m=4, v=2, placement="v"))
