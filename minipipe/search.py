@@ -73,6 +73,92 @@ def _per_stage(name: str, cost: Cost, stages: int) -> list[float]:
     return values
 
 
+@dataclass
+class _Problem:
+    """The inputs in the solver's terms: integer durations, placement, memory capacity."""
+
+    p: int
+    m: int
+    v: int
+    where: tuple[tuple[int, int], ...]  # (rank, chunk) of each stage
+    costs: list[list[float]]  # t_f, t_b (+ t_w when not split), t_w per stage
+    split: bool
+    comm: float
+    scale: int
+    capacity: int  # chunk stashes per rank
+
+    @property
+    def kinds(self) -> list[Kind]:
+        return [Kind.F, Kind.B] + ([Kind.W] if self.split else [])
+
+    def duration(self, kind: Kind, stage: int) -> int:
+        return round(self.costs[{Kind.F: 0, Kind.B: 1, Kind.W: 2}[kind]][stage] * self.scale)
+
+    def lag(self, a: int, b: int) -> int:  # message latency between the ranks of stages a, b
+        return round(self.comm * self.scale) if self.where[a][0] != self.where[b][0] else 0
+
+
+def _problem(p, m, t_f, t_b, t_w, comm, memory_limit, placement, v) -> _Problem:
+    v = v if v is not None else (2 if placement == "v" else 1)
+    where = make_placement(placement, p, v)
+    stages = p * v
+    split = t_w is not None and (not isinstance(t_w, (int, float)) or t_w > 0)
+    costs = [_per_stage(n, c, stages) for n, c in (("t_f", t_f), ("t_b", t_b), ("t_w", t_w or 0))]
+    if not split:
+        costs[1] = [b + w for b, w in zip(costs[1], costs[2], strict=True)]
+    if p < 1 or m < 1 or comm < 0:
+        raise ValueError(f"need p >= 1, m >= 1 and comm >= 0, got p={p}, m={m}, comm={comm}")
+    capacity = m * v if memory_limit is None else int(
+        Fraction(memory_limit).limit_denominator(1000) * v)
+    if capacity < 1:
+        raise ValueError(f"memory_limit={memory_limit} holds less than one chunk stash (1/{v})")
+    scale = _scale([x for row in costs for x in row] + [comm])
+    return _Problem(p, m, v, where, costs, split, comm, scale, min(capacity, m * v))
+
+
+def _build(pb: _Problem):
+    """The CP-SAT model: intervals, dependencies, memory, and the step to minimise."""
+    from ortools.sat.python import cp_model
+
+    stages = pb.p * pb.v
+    horizon = sum(pb.duration(k, s) for k in pb.kinds for s in range(stages)) * pb.m \
+        + 2 * stages * pb.m * pb.lag(0, 1 % stages)
+    model = cp_model.CpModel()
+    start: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
+    end: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
+    busy: list[list] = [[] for _ in range(pb.p)]
+    for kind, s, i in ((k, s, i) for k in pb.kinds for s in range(stages) for i in range(pb.m)):
+        key = (kind, s, i)
+        start[key] = model.NewIntVar(0, horizon, "")
+        end[key] = model.NewIntVar(0, horizon, "")
+        busy[pb.where[s][0]].append(model.NewIntervalVar(start[key], pb.duration(kind, s),
+                                                         end[key], ""))
+        if i:  # micro-batches in order on each stage
+            model.Add(start[key] >= end[(kind, s, i - 1)])
+    for r in range(pb.p):
+        model.AddNoOverlap(busy[r])
+    release = Kind.W if pb.split else Kind.B
+    held: list[list] = [[] for _ in range(pb.p)]
+    for s, i in ((s, i) for s in range(stages) for i in range(pb.m)):
+        if s:  # F waits for the stage before
+            model.Add(start[(Kind.F, s, i)] >= end[(Kind.F, s - 1, i)] + pb.lag(s, s - 1))
+        if s < stages - 1:  # B waits for the stage after; the last stage for its own F
+            model.Add(start[(Kind.B, s, i)] >= end[(Kind.B, s + 1, i)] + pb.lag(s, s + 1))
+        else:
+            model.Add(start[(Kind.B, s, i)] >= end[(Kind.F, s, i)])
+        if pb.split:
+            model.Add(start[(Kind.W, s, i)] >= end[(Kind.B, s, i)])
+        held[pb.where[s][0]].append(model.NewIntervalVar(
+            start[(Kind.F, s, i)], model.NewIntVar(0, horizon, ""), start[(release, s, i)], ""))
+    if pb.capacity < pb.m * pb.v:
+        for r in range(pb.p):
+            model.AddCumulative(held[r], [1] * len(held[r]), pb.capacity)
+    step = model.NewIntVar(0, horizon, "step")
+    model.AddMaxEquality(step, list(end.values()))
+    model.Minimize(step)
+    return model, start, end
+
+
 def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, comm: float = 0,
           memory_limit: float | None = None, placement: str | Sequence[tuple[int, int]] = "loop",
           v: int | None = None, time_limit: float = 10.0, start_from: Schedule | None = None,
@@ -90,110 +176,56 @@ def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, co
         placement: ``"loop"`` (default, ``v = 1``), ``"v"`` (``v = 2``) or an explicit list.
         v: chunks per rank (default: 2 for ``"v"``, else 1).
         time_limit: seconds for the solver; beyond it the best schedule found is returned
-            with ``optimal=False``.
+            with ``optimal=False`` (``start_from`` itself if the solver found nothing better).
         start_from: a schedule to start the solver from (a hint; any valid one helps).
         workers: solver threads (1 keeps it gentle on a shared machine).
 
     Raises:
-        ValueError: bad sizes or costs, or no schedule fits the memory limit (the limit must
-            allow at least one chunk stash per rank).
+        ValueError: bad sizes or costs, a limit below one chunk stash, or nothing found in
+            the time limit without ``start_from``.
     """
     from ortools.sat.python import cp_model
 
-    v = v if v is not None else (2 if placement == "v" else 1)
-    where = make_placement(placement, p, v)
-    stages = p * v
-    split = t_w is not None and (not isinstance(t_w, (int, float)) or t_w > 0)
-    costs = [_per_stage(n, c, stages) for n, c in (("t_f", t_f), ("t_b", t_b), ("t_w", t_w or 0))]
-    if not split:
-        costs[1] = [b + w for b, w in zip(costs[1], costs[2], strict=True)]
-    scale = _scale([x for row in costs for x in row] + [comm])
-    dur = [[round(x * scale) for x in row] for row in costs]
-    lag = round(comm * scale)
-    kinds = [Kind.F, Kind.B] + ([Kind.W] if split else [])
-    capacity = m * v if memory_limit is None else int(Fraction(memory_limit).limit_denominator(1000) * v)
-    if capacity < 1:
-        raise ValueError(f"memory_limit={memory_limit} holds less than one chunk stash (1/{v})")
-    horizon = sum(d for row in dur for d in row) * m + 2 * stages * m * lag
-
-    model = cp_model.CpModel()
-    start: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
-    end: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
-    per_rank: list[list] = [[] for _ in range(p)]
-    for kind in kinds:
-        for s in range(stages):
-            d = dur[kinds.index(kind) if kind is not Kind.W else 2][s]
-            for i in range(m):
-                key = (kind, s, i)
-                start[key] = model.NewIntVar(0, horizon, f"s{kind.value}{s}_{i}")
-                end[key] = model.NewIntVar(0, horizon, f"e{kind.value}{s}_{i}")
-                per_rank[where[s][0]].append(model.NewIntervalVar(start[key], d, end[key], ""))
-                if i:  # micro-batches in order on each stage
-                    model.Add(start[key] >= end[(kind, s, i - 1)])
-    for r in range(p):
-        model.AddNoOverlap(per_rank[r])
-
-    def link(after: tuple, before: tuple, s_after: int, s_before: int) -> None:
-        gap = lag if where[s_after][0] != where[s_before][0] else 0
-        model.Add(start[after] >= end[before] + gap)
-
-    release = Kind.W if split else Kind.B
-    held: list[list] = [[] for _ in range(p)]
-    for s in range(stages):
-        for i in range(m):
-            if s:
-                link((Kind.F, s, i), (Kind.F, s - 1, i), s, s - 1)
-            if s < stages - 1:
-                link((Kind.B, s, i), (Kind.B, s + 1, i), s, s + 1)
-            else:
-                model.Add(start[(Kind.B, s, i)] >= end[(Kind.F, s, i)])
-            if split:
-                model.Add(start[(Kind.W, s, i)] >= end[(Kind.B, s, i)])
-            size = model.NewIntVar(0, horizon, "")
-            held[where[s][0]].append(model.NewIntervalVar(
-                start[(Kind.F, s, i)], size, start[(release, s, i)], ""))
-    if capacity < m * v:
-        for r in range(p):
-            model.AddCumulative(held[r], [1] * len(held[r]), capacity)
-
-    makespan = model.NewIntVar(0, horizon, "step")
-    model.AddMaxEquality(makespan, list(end.values()))
-    model.Minimize(makespan)
+    pb = _problem(p, m, t_f, t_b, t_w, comm, memory_limit, placement, v)
+    model, start, end = _build(pb)
     if start_from is not None:
-        _hint(model, start, start_from, costs, comm, scale, split)
-
+        _hint(model, start, end, start_from, pb)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit)
     solver.parameters.num_workers = workers
     t0 = time.perf_counter()
     status = solver.Solve(model)
     wall = time.perf_counter() - t0
+    bound = solver.BestObjectiveBound() / pb.scale
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise ValueError(f"no schedule found for p={p}, m={m} under memory_limit={memory_limit} "
-                         f"in {time_limit} s (solver status {solver.StatusName(status)})")
+        if start_from is None:
+            raise ValueError(f"no schedule found for p={p}, m={m} under memory_limit="
+                             f"{memory_limit} in {time_limit} s ({solver.StatusName(status)})")
+        return SearchResult(start_from, _replay(start_from, pb).step_time, bound, False, wall)
     orders = []
     for r in range(p):
-        mine = [(solver.Value(start[k]), k) for k in start if where[k[1]][0] == r]
-        mine.sort(key=lambda x: (x[0], kinds.index(x[1][0]), x[1][2]))
-        orders.append([Action(kind, i, where[s][1]) for _, (kind, s, i) in mine])
+        mine = sorted(((solver.Value(t), pb.kinds.index(k[0]), k) for k, t in start.items()
+                       if pb.where[k[1]][0] == r))
+        orders.append([Action(kind, i, pb.where[s][1]) for _, _, (kind, s, i) in mine])
     optimal = status == cp_model.OPTIMAL
-    schedule = Schedule(orders, m=m, v=v, placement=placement,
+    schedule = Schedule(orders, m=m, v=pb.v, placement=placement,
                         name=f"{'optimal' if optimal else 'best-found'}@{memory_limit}")
-    return SearchResult(schedule, solver.ObjectiveValue() / scale,
-                        solver.BestObjectiveBound() / scale, optimal, wall)
+    return SearchResult(schedule, solver.ObjectiveValue() / pb.scale, bound, optimal, wall)
 
 
-def _hint(model, start: dict, schedule: Schedule, costs: list[list[float]], comm: float,
-          scale: int, split: bool) -> None:
-    """Give the solver the start times of ``schedule`` as a first solution to improve on."""
-    if schedule.split_backward != split:
+def _replay(schedule: Schedule, pb: _Problem):
+    return simulate(schedule, pb.costs[0], pb.costs[1], pb.costs[2] if pb.split else None, pb.comm)
+
+
+def _hint(model, start: dict, end: dict, schedule: Schedule, pb: _Problem) -> None:
+    """Give the solver the times of ``schedule`` as a first solution to improve on."""
+    if schedule.split_backward != pb.split:
         raise ValueError("start_from must split the backward (have W actions) exactly when "
                          "the search does (t_w > 0)")
-    timeline = simulate(schedule, costs[0], costs[1], costs[2] if split else None, comm)
-    for e in timeline.events:
+    for e in _replay(schedule, pb).events:
         key = (e.action.kind, schedule.stage(e.rank, e.action.chunk), e.action.mb)
-        if key in start:
-            model.AddHint(start[key], round(e.start * scale))
+        model.AddHint(start[key], round(e.start * pb.scale))
+        model.AddHint(end[key], round(e.end * pb.scale))
 
 
 def search(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, comm: float = 0,

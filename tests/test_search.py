@@ -1,0 +1,113 @@
+"""The schedule search: proven optimal on small cases, ordinary schedules, honest bounds.
+
+The solver's step is checked against things known independently: the unsplit optimum
+``(m + p − 1)(t_f + t_b)`` (1F1B/GPipe are optimal without a split backward), naive model
+parallelism under a one-micro-batch limit, and every hand-written schedule of the package
+under its own memory (the optimum can only be as fast or faster). The returned schedule is
+validated and simulated: the simulator's step equals the solver's objective and the peak
+memory stays under the limit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from minipipe import formulas, simulate, validate
+from minipipe.schedules import make_schedule, one_f_one_b, zb_h1, zb_h2, zb_v
+from minipipe.search import search, solve
+
+pytest.importorskip("ortools")
+
+
+def _check(result, t_f, t_b, t_w, memory_limit=None, comm=0.0):
+    s = validate(result.schedule)
+    tl = simulate(s, t_f, t_b, t_w if s.split_backward else None, comm)
+    assert tl.step_time == pytest.approx(result.step_time)  # ASAP replay of the solver's order
+    if memory_limit is not None:
+        assert max(tl.peak_pending_w) <= memory_limit * s.v
+    return tl
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 6), (4, 8)])
+def test_unsplit_optimum_is_the_1f1b_step(p, m):
+    res = solve(p, m, 1, 2, None, memory_limit=p, time_limit=20)
+    assert res.optimal  # proven within the time limit (the lesson prints the seconds)
+    assert res.step_time == (m + p - 1) * 3 == simulate(one_f_one_b(p, m), 1, 2).step_time
+    _check(res, 1, 2, None, p)
+
+
+def test_one_micro_batch_of_memory_without_split_is_naive():
+    p, m = 3, 3
+    res = solve(p, m, 1, 2, None, memory_limit=1, time_limit=20)
+    assert res.optimal
+    assert res.step_time == formulas.step_time("naive", p, m, 1, 2)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 6), (4, 8)])
+@pytest.mark.parametrize("costs", [(1, 1, 1), (1, 2, 1)])
+def test_proven_optimal_in_seconds_and_never_slower_than_the_hand_schedules(p, m, costs):
+    for gen in (zb_h1, zb_h2):
+        own = gen(p, m)
+        tl = simulate(own, *costs)
+        limit = max(tl.peak_pending_w)
+        res = solve(p, m, *costs, memory_limit=limit, time_limit=20)
+        assert res.optimal  # proven within the time limit (the lesson prints the seconds)
+        assert res.lower_bound == pytest.approx(res.step_time)
+        assert res.step_time <= tl.step_time
+        assert res.step_time >= formulas.ideal_time(m, *costs)
+        _check(res, *costs, limit)
+
+
+def test_zb_h1_and_zb_h2_are_optimal_under_their_own_memory():
+    """With t_b = 2 t_f = 2 t_w: neither hand-written order leaves time on the table."""
+    p, m = 4, 8
+    for gen in (zb_h1, zb_h2):
+        tl = simulate(gen(p, m), 1, 2, 1)
+        res = solve(p, m, 1, 2, 1, memory_limit=max(tl.peak_pending_w), time_limit=20)
+        assert res.optimal and res.step_time == tl.step_time
+
+
+def test_more_memory_never_hurts_and_the_limit_is_held():
+    p, m = 4, 8
+    steps = []
+    for limit in (1, 2, 4, 5, 7):
+        res = solve(p, m, 1, 2, 1, memory_limit=limit, time_limit=20)
+        assert res.optimal
+        _check(res, 1, 2, 1, limit)
+        steps.append(res.step_time)
+    assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
+    assert steps[-1] == formulas.step_time("zb-h2", p, m, 1, 2, 1)  # 2p − 1: ZB-H2's optimum
+
+
+def test_comm_latency_and_per_stage_costs():
+    t_f = [1, 1, 2]  # a slow last stage
+    res = solve(3, 4, t_f, 2, 1, comm=0.5, memory_limit=3, time_limit=20,
+                start_from=zb_h1(3, 4))
+    assert res.optimal
+    _check(res, t_f, 2, 1, 3, comm=0.5)
+
+
+def test_v_placement_search_beats_or_ties_zb_v_at_its_memory():
+    p, m = 2, 4
+    tl = simulate(zb_v(p, m), 1, 1, 1)
+    res = solve(p, m, 1, 1, 1, memory_limit=max(tl.peak_pending_w) / 2, placement="v",
+                time_limit=20)
+    assert res.schedule.placement_name == "v" and res.optimal
+    assert res.step_time <= tl.step_time
+    _check(res, 1, 1, 1, max(tl.peak_pending_w) / 2)
+
+
+def test_time_limit_returns_the_best_found_and_a_valid_schedule():
+    p, m = 6, 24
+    res = solve(p, m, 1, 2, 1, memory_limit=p, time_limit=2, start_from=zb_h1(p, m))
+    assert res.lower_bound <= res.step_time <= simulate(zb_h1(p, m), 1, 2, 1).step_time
+    _check(res, 1, 2, 1, p)
+    assert res.schedule.name.startswith("optimal" if res.optimal else "best-found")
+
+
+def test_search_returns_an_ordinary_schedule_and_rejects_impossible_limits():
+    s = search(2, 2, 1, 1, 1, memory_limit=2)
+    assert type(s).__name__ == "Schedule" and s.split_backward
+    assert make_schedule("zb-h1", 2, 2).p == s.p
+    with pytest.raises(ValueError, match="less than one chunk"):
+        solve(2, 2, memory_limit=0.25)
