@@ -111,3 +111,50 @@ def test_search_returns_an_ordinary_schedule_and_rejects_impossible_limits():
     assert make_schedule("zb-h1", 2, 2).p == s.p
     with pytest.raises(ValueError, match="less than one chunk"):
         solve(2, 2, memory_limit=0.25)
+
+
+# ------------------------------------------------- exercise 11: a schedule on a budget
+
+ON_BUDGET = ["F0 F1 F2 F3 B0 W0 F4 B1 W1 F5 B2 W2 B3 W3 B4 W4 B5 W5",
+             "F0 F1 F2 B0 F3 B1 W0 F4 B2 W1 F5 B3 W2 B4 W3 B5 W4 W5",
+             "F0 B0 F1 B1 F2 B2 F3 B3 W0 F4 B4 W1 F5 B5 W2 W3 W4 W5"]
+
+
+def test_budget_check_passes_the_solution_and_knows_the_optimum():
+    from minipipe.course.checks import check_budget_schedule
+    from minipipe.course.checks.ex11_budget import BUDGET, optimum
+    from minipipe.schedules import Schedule
+
+    assert optimum(3, 6, 1.0, 2.0, 1.0, 4) == 27.0
+    assert check_budget_schedule(lambda: Schedule(ON_BUDGET), run=False) is None
+    assert BUDGET["memory"] == 4 and BUDGET["margin"] == 0.02
+
+
+@pytest.mark.parametrize("answer,message", [
+    (lambda: zb_h1(3, 6), "That is ZB-H1"),
+    (lambda: zb_h2(3, 6), "That is ZB-H2"),
+    (lambda: one_f_one_b(3, 6), "Split the backward"),
+    (lambda: zb_h1(2, 6), "p=3"),
+    (lambda: make_schedule("gpipe", 3, 6), "holds 6 micro-batches"),
+])
+def test_budget_check_names_the_common_wrong_answers(answer, message):
+    from minipipe.course.checks import CheckFailed, check_budget_schedule
+
+    with pytest.raises(CheckFailed, match=message):
+        check_budget_schedule(answer, run=False)
+
+
+def test_budget_check_fails_the_stub_and_a_broken_order_and_takes_other_answers():
+    from minipipe.course.checks import CheckFailed, check_budget_schedule
+    from minipipe.schedules import Schedule
+
+    def stub():
+        raise NotImplementedError("Exercise 11: write a schedule within both budgets")
+
+    with pytest.raises(CheckFailed, match="not implemented"):
+        check_budget_schedule(stub, run=False)
+    another = [ON_BUDGET[0], ON_BUDGET[1].replace("B0 F3", "F3 B0"), ON_BUDGET[2]]
+    swapped = [ON_BUDGET[0].replace("B0 W0", "W0 B0"), *ON_BUDGET[1:]]
+    with pytest.raises(CheckFailed, match="validate"):
+        check_budget_schedule(lambda: Schedule(swapped), run=False)
+    check_budget_schedule(lambda: Schedule(another), run=False)  # a different answer that fits

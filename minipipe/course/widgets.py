@@ -207,16 +207,32 @@ def _float(description: str, value: float, lo: float, hi: float,
                                style=_STYLE, continuous_update=False)
 
 
+_SPLIT = {"zb-h1", "zb-h2", "zb-v", "dualpipev"}  # backward split into B and W
+_V_SHAPE = {"zb-v", "dualpipev"}  # two chunks per rank on the V placement
+
+
+def _chunks(name: str, v: int) -> int:
+    """Chunks per rank the schedule uses: ``v`` for interleaved, 2 for the V shapes, else 1."""
+    return v if name == "interleaved" else 2 if name in _V_SHAPE else 1
+
+
 def _costs(name: str, p: int, v: int, t_b: float, t_w: float, slow: int, factor: float):
     """Per-stage costs for :func:`simulate`, per rank's share as in :mod:`minipipe.formulas`.
 
-    ``t_b`` is the whole backward (COURSE notation); for zb-h1 ``t_w`` of it is the W part,
-    so B costs ``t_b − t_w``. Interleaved chunks cost ``1/v`` of a rank's share each.
+    ``t_b`` is the whole backward (COURSE notation); for the split-backward schedules (zb-h1,
+    zb-h2, zb-v, dualpipev) ``t_w`` of it is the W part, so B costs ``t_b − t_w``. Chunks
+    (interleaved, V shapes) cost ``1/v`` of a rank's share each.
     """
     stages = p * v
-    split = t_w if name == "zb-h1" else 0.0
+    split = t_w if name in _SPLIT else 0.0
     base = [1.0 / v, (t_b - split) / v, split / v]
     return [[c * (factor if s == slow else 1.0) for s in range(stages)] for c in base]
+
+
+def _placement_text(sched) -> str:
+    """Which stages each rank runs, e.g. ``rank 0: 0, 3 · rank 1: 1, 2`` (V placement)."""
+    return " · ".join(f"rank {r}: " + ", ".join(str(sched.stage(r, c)) for c in range(sched.v))
+                      for r in range(sched.p))
 
 
 def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 2,
@@ -227,9 +243,11 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
     The chart is the simulated timeline (:func:`~minipipe.plot.plot_timeline`); the panel has
     the step time, both bubble figures, peak in-flight micro-batches per rank and the message
     count, each next to its closed form (:mod:`minipipe.formulas`) when the stages are equal.
-    Times are in units of ``t_f``. ``t_b`` is the whole backward; for ``zb-h1`` its part
-    ``t_w`` is the deferred weight gradient W (so B costs ``t_b − t_w``). An invalid setting
-    (interleaved with ``m % p != 0``) shows the error text in the panel.
+    Times are in units of ``t_f``. ``t_b`` is the whole backward; for the split-backward
+    schedules (``zb-h1``, ``zb-h2``, ``zb-v``, ``dualpipev``) its part ``t_w`` is the deferred
+    weight gradient W (so B costs ``t_b − t_w``). ``zb-v`` and ``dualpipev`` run two chunks per
+    rank on the V placement (the panel lists each rank's stages). An invalid setting
+    (interleaved with ``m % p != 0``, dualpipev with ``m < 2p``) shows the error text.
 
     Returns:
         An :class:`Explorer` with controls ``schedule, p, m, v, t_b, t_w, slow_stage,
@@ -248,7 +266,7 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
     }
 
     def adjust(ex: Explorer, vals: dict[str, Any]) -> None:
-        stages = vals["p"] * (vals["v"] if vals["schedule"] == "interleaved" else 1)
+        stages = vals["p"] * _chunks(vals["schedule"], vals["v"])
         ex.controls["slow_stage"].max = stages - 1  # clamps the value too
         ex.controls["t_w"].max = vals["t_b"]
 
@@ -256,14 +274,14 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
         names = {"schedule", "p", "m", "t_b", "slow_stage", "slow_factor"}
         if vals["schedule"] == "interleaved":
             names.add("v")
-        if vals["schedule"] == "zb-h1":
+        if vals["schedule"] in _SPLIT:
             names.add("t_w")
         return names
 
     def draw(vals: dict[str, Any], fig: Figure) -> dict[str, Any]:
         name, p, m = vals["schedule"], vals["p"], vals["m"]
-        v = vals["v"] if name == "interleaved" else 1
-        t_b, t_w = vals["t_b"], (min(vals["t_w"], vals["t_b"]) if name == "zb-h1" else 0.0)
+        v = _chunks(name, vals["v"])
+        t_b, t_w = vals["t_b"], (min(vals["t_w"], vals["t_b"]) if name in _SPLIT else 0.0)
         factor = vals["slow_factor"]
         sched = make_schedule(name, p, m, v)  # ValueError for m % p with interleaved
         tf, tb, tw = _costs(name, p, v, t_b, t_w, vals["slow_stage"], factor)
@@ -278,8 +296,10 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
             "peak in-flight per rank": tl.peak_inflight,
             "messages per step": tl.messages,
         }
-        if name == "zb-h1":
+        if name in _SPLIT:
             figures["peak awaiting W per rank"] = tl.peak_pending_w
+        if sched.placement_name != "loop":
+            figures["placement"] = f"{sched.placement_name}: {_placement_text(sched)}"
         if factor == 1.0:  # the closed forms assume equal stages
             b_in = t_b - t_w
             figures["formula: step time"] = float(formulas.step_time(name, p, m, 1.0, b_in, t_w, v))
@@ -290,7 +310,11 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
                 util = formulas.utilization(name, p, m, 1.0, b_in, t_w, v)
                 figures["formula: 1 − utilization"] = 1 - util
             figures["formula: peak in-flight"] = formulas.peak_inflight(name, p, m, v)
-            figures["formula: 2(p·v−1)·m"] = formulas.messages(p, m, v)
+            if sched.placement_name == "v":
+                figures["formula: 2·v·(p−1)·m (V: the turns stay on one rank)"] = \
+                    formulas.messages(p, m, v, "v")
+            else:
+                figures["formula: 2(p·v−1)·m"] = formulas.messages(p, m, v)
         else:
             figures["note"] = (f"stage {vals['slow_stage']} is {factor:g}× slower: "
                                "closed forms assume equal stages")
@@ -308,9 +332,10 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
     """Peak activation memory per rank, predicted from the schedule's order.
 
     Bars: the most micro-batches whose activations a rank holds at once (forward done,
-    backward not yet). For ``interleaved`` a rank holds (chunk, micro-batch) pairs, each
-    ``1/v`` of its layers; the bars count them in micro-batch units (pairs ÷ ``v``) so the
-    three schedules compare on one axis, and the panel gives the raw pairs too. The dashed
+    backward — for the split-backward schedules, its W — not yet). For ``interleaved`` and the
+    V shapes (``zb-v``, ``dualpipev``: two chunks) a rank holds (chunk, micro-batch) pairs,
+    each ``1/v`` of its layers; the bars count them in micro-batch units (pairs ÷ ``v``) so
+    all schedules compare on one axis, and the panel gives the raw pairs too. The dashed
     line is GPipe's ``m``. With ``bytes_per_mb`` (activation bytes one micro-batch leaves on
     one rank's share of the model, e.g. ``RunResult.activation_bytes_per_mb``) a right axis
     and the panel show bytes.
@@ -319,7 +344,8 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
         An :class:`Explorer` with controls ``schedule, p, m, v, bytes_per_mb``.
     """
     controls = {
-        "schedule": widgets.Dropdown(options=["gpipe", "1f1b", "interleaved"], value=schedule,
+        "schedule": widgets.Dropdown(options=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2",
+                                              "zb-v", "dualpipev"], value=schedule,
                                      description="schedule", style=_STYLE),
         "p": _int("p (ranks)", p, 1, 8),
         "m": _int("m (micro-batches)", m, 1, 32),
@@ -335,10 +361,12 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
 
     def draw(vals: dict[str, Any], fig: Figure) -> dict[str, Any]:
         name, p, m = vals["schedule"], vals["p"], vals["m"]
-        v = vals["v"] if name == "interleaved" else 1
+        v = _chunks(name, vals["v"])
         per_mb = vals["bytes_per_mb"]
-        tl = simulate(make_schedule(name, p, m, v), 1.0 / v, 2.0 / v)
-        stashes = tl.peak_inflight  # (chunk, micro-batch) pairs
+        split = name in _SPLIT  # then a micro-batch is held until its W
+        tl = simulate(make_schedule(name, p, m, v), 1.0 / v, (1.0 if split else 2.0) / v,
+                      1.0 / v if split else None)
+        stashes = tl.peak_pending_w  # (chunk, micro-batch) pairs; peak_inflight without W
         units = [s / v if v > 1 else s for s in stashes]  # micro-batches of a rank's share
         ax = fig.add_subplot()
         ax.bar(range(p), units, color="#4c72b0", width=0.6, label=f"{name}: peak held")
@@ -352,7 +380,7 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
         figures: dict[str, Any] = {"peak micro-batches held": units}
         if v > 1:
             figures["peak (chunk, micro-batch) pairs"] = stashes
-        figures["formula"] = formulas.peak_inflight(name, p, m, v)
+        figures["formula"] = formulas.peak_pending_w(name, p, m, v)
         one_f = formulas.peak_inflight("1f1b", p, m)[0]
         figures["rank 0 vs 1F1B's min(p, m)"] = units[0] / one_f
         if per_mb:

@@ -12,7 +12,7 @@ where the exercise is about real ranks, by :func:`minipipe.train` against
 :func:`minipipe.reference`. Checks that start processes call the learner's function
 once first, so a stub fails before anything is launched.
 
-One module per exercise (``ex01_bubble`` … ``ex10_fix_hang``); :mod:`.common` holds the
+One module per exercise (``ex01_bubble`` … ``ex11_budget``); :mod:`.common` holds the
 helpers they share (calling the learner's function, reading numbers, validating schedules).
 """
 
@@ -26,6 +26,7 @@ from .ex07_zero_bubble import check_zero_bubble
 from .ex08_own_schedule import check_my_schedule, check_schedule_on_ranks
 from .ex09_interleaved import check_interleaved
 from .ex10_fix_hang import check_fix
+from .ex11_budget import check_budget_schedule
 
 __all__ = [
     "CheckFailed",
@@ -38,4 +39,5 @@ __all__ = [
     "check_my_schedule", "check_schedule_on_ranks",
     "check_interleaved",
     "check_fix",
+    "check_budget_schedule",
 ]
