@@ -202,3 +202,45 @@ def test_validator_rejects_a_broken_v_order():
     order[i], order[j] = order[j], order[i]
     with pytest.raises(ScheduleError):
         validate(type(s)([s.ranks[0], order], m=4, v=2, placement="v"))
+
+
+# ------------------------------------------------------------------------------ explorers
+
+
+def test_schedule_explorer_takes_the_new_schedules_and_the_v_placement():
+    from minipipe.course.widgets import schedule_explorer
+
+    ex = schedule_explorer("zb-v", p=3, m=6, t_b=2.0, t_w=1.0)
+    figures = ex.figures
+    tl = simulate(zb_v(3, 6), 0.5, 0.5, 0.5)  # chunks cost half a rank's share
+    assert ex.error is None and figures["step time"] == pytest.approx(tl.step_time)
+    assert figures["formula: step time"] == pytest.approx(tl.step_time)
+    assert figures["placement"].startswith("v: rank 0: 0, 5")
+    assert figures["messages per step"] == formulas.messages(3, 6, 2, "v") == 2 * 2 * 2 * 6
+    assert "t_w" in {n for n, c in ex.controls.items() if c.layout.display != "none"}
+    assert ex.update(schedule="dualpipev", m=5) == {} and "m=5 < 2p=6" in ex.error
+    assert ex.update(schedule="zb-h2", m=6)["peak awaiting W per rank"] == [5, 5, 5]
+
+
+def test_memory_explorer_counts_v_chunks_as_halves():
+    from minipipe.course.widgets import memory_explorer
+
+    ex = memory_explorer("zb-v", p=4, m=8)
+    assert ex.figures["peak micro-batches held"] == [4.0] * 4  # 1F1B's rank-0 peak everywhere
+    assert ex.figures["peak (chunk, micro-batch) pairs"] == formulas.peak_inflight("zb-v", 4, 8)
+    assert ex.update(schedule="zb-h2")["peak micro-batches held"] == [7] * 4
+
+
+def test_placement_diagram_and_the_comparison_with_the_optimum():
+    from minipipe.course.frontier import compare_to_optimum, optimum_curve, placement_diagram
+
+    ax = placement_diagram(3, "v")
+    assert [t.get_text() for t in ax.texts if t.get_text()] == [f"stage {s}" for s in range(6)]
+    rows = {r["schedule"]: r for r in compare_to_optimum(2, 4, t_b=3.0, t_w=1.0)}
+    assert set(rows) == {"1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev"}
+    for r in rows.values():
+        assert r["proven"] and r["optimum"] <= r["step"] and r["gap"] >= 0
+    assert rows["zb-h2"]["memory"] == 3 and rows["zb-v"]["memory"] == 2
+    curve = optimum_curve(2, 4, t_b=3.0, t_w=1.0)
+    assert [c[0] for c in curve] == [1, 2, 3, 4] and all(c[2] for c in curve)
+    assert curve[2][1] == rows["zb-h2"]["optimum"]  # ZB-H2's memory buys its optimum

@@ -48,10 +48,10 @@ def placement_diagram(p: int, placement: str = "v", v: int = 2, ax: Any = None) 
     for s, (x, y) in enumerate(xy):
         ax.add_patch(_box(x, y, s, where[s][0] == where[0][0]))
         ax.text(x, y, f"stage {s}", ha="center", va="center", fontsize=8)
-    for (xa, ya), (xb, yb) in zip(xy, xy[1:]):
-        ax.annotate("", (xb, yb + (0.25 if yb > ya else -0.25 if yb < ya else 0)),
-                    (xa + (0.55 if xb > xa else 0), ya - (0.25 if yb < ya else -0.25 if yb > ya
-                                                          else 0)),
+    for (xa, ya), (xb, yb) in zip(xy, xy[1:]):  # from box edge to box edge
+        dx, dy = xb - xa, yb - ya
+        t = min(0.58 / abs(dx) if dx else 1.0, 0.28 / abs(dy) if dy else 1.0)
+        ax.annotate("", (xb - t * dx, yb - t * dy), (xa + t * dx, ya + t * dy),
                     arrowprops={"arrowstyle": "-|>", "color": "#555555", "lw": 1})
     ax.set_yticks([-0.8 * r for r in range(p)], [f"rank {r}" for r in range(p)])
     ax.set_xticks([1.6 * c for c in range(v)], [f"chunk {c}" for c in range(v)])

@@ -235,6 +235,26 @@ def _placement_text(sched) -> str:
                       for r in range(sched.p))
 
 
+def _formula_figures(sched, name: str, t_b: float, t_w: float) -> dict[str, Any]:
+    """The closed forms next to the simulated figures (equal stages; costs per rank's share)."""
+    p, m, v = sched.p, sched.m, sched.v
+    b_in = t_b - t_w
+    out: dict[str, Any] = {
+        "formula: step time": float(formulas.step_time(name, p, m, 1.0, b_in, t_w, v))}
+    if name in ("gpipe", "1f1b", "interleaved"):
+        out["formula: (p−1)/(v·m+p−1)"] = formulas.bubble_fraction(p, m, v)
+        out["formula: (p−1)/(v·m)"] = formulas.bubble_overhead(p, m, v)
+    else:
+        out["formula: 1 − utilization"] = 1 - formulas.utilization(name, p, m, 1.0, b_in, t_w, v)
+    out["formula: peak in-flight"] = formulas.peak_inflight(name, p, m, v)
+    if sched.placement_name == "v":
+        out["formula: 2·v·(p−1)·m (V: the turns stay on one rank)"] = formulas.messages(
+            p, m, v, "v")
+    else:
+        out["formula: 2(p·v−1)·m"] = formulas.messages(p, m, v)
+    return out
+
+
 def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 2,
                       t_b: float = 2.0, t_w: float = 1.0, slow_stage: int = 0,
                       slow_factor: float = 1.0) -> Explorer:
@@ -301,20 +321,7 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
         if sched.placement_name != "loop":
             figures["placement"] = f"{sched.placement_name}: {_placement_text(sched)}"
         if factor == 1.0:  # the closed forms assume equal stages
-            b_in = t_b - t_w
-            figures["formula: step time"] = float(formulas.step_time(name, p, m, 1.0, b_in, t_w, v))
-            if name in ("gpipe", "1f1b", "interleaved"):
-                figures["formula: (p−1)/(v·m+p−1)"] = formulas.bubble_fraction(p, m, v)
-                figures["formula: (p−1)/(v·m)"] = formulas.bubble_overhead(p, m, v)
-            else:
-                util = formulas.utilization(name, p, m, 1.0, b_in, t_w, v)
-                figures["formula: 1 − utilization"] = 1 - util
-            figures["formula: peak in-flight"] = formulas.peak_inflight(name, p, m, v)
-            if sched.placement_name == "v":
-                figures["formula: 2·v·(p−1)·m (V: the turns stay on one rank)"] = \
-                    formulas.messages(p, m, v, "v")
-            else:
-                figures["formula: 2(p·v−1)·m"] = formulas.messages(p, m, v)
+            figures.update(_formula_figures(sched, name, t_b, t_w))
         else:
             figures["note"] = (f"stage {vals['slow_stage']} is {factor:g}× slower: "
                                "closed forms assume equal stages")
