@@ -6,7 +6,8 @@ memory; and, for ZB-V and DualPipeV, each rank's order is torch 2.13's
 (``ScheduleZBVZeroBubble`` / ``ScheduleDualPipeV`` expose it as ``pipeline_order``; we call
 their per-rank generator ``_calculate_single_rank_operations`` on a bare instance, which
 needs no process group). The real-rank tests (marked ``slow``) check sequential consistency
-and observed memory on gloo.
+and observed memory on gloo. (:func:`minipipe.course.frontier.torch_orders` reads torch's
+orders; lesson 11 shows the same comparison.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pickle
 import pytest
 
 from minipipe import formulas, simulate, validate
+from minipipe.course.frontier import torch_orders
 from minipipe.schedules import (
     Action,
     Kind,
@@ -30,7 +32,7 @@ from minipipe.schedules import (
 from minipipe.schedules.base import make_placement
 from minipipe.validate import ScheduleError
 
-torch_schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+pytest.importorskip("torch.distributed.pipelining.schedules")
 
 
 # ------------------------------------------------------------------------------- ZB-H2
@@ -73,32 +75,8 @@ def test_zb_h2_beats_zb_h1_by_p_minus_1_times_tb_minus_tw():
 # ------------------------------------------------------------------------- torch orders
 
 
-def _torch_orders(cls, p: int, m: int) -> list[list]:
-    """Each rank's action list from torch's generator, without processes or stages."""
-    bare = cls.__new__(cls)
-    bare.pp_group_size, bare._n_microbatches = p, m
-    bare.num_stages = bare._num_stages = 2 * p
-    return [bare._calculate_single_rank_operations(r) for r in range(p)]
-
-
 def _ours(order: tuple[Action, ...]) -> list[tuple[str, int, int]]:
-    return [({"F": "F", "B": "I", "W": "W"}[a.kind.value], a.mb, a.chunk) for a in order]
-
-
-def _theirs(ops: list, rank: int) -> tuple[list[tuple[str, int, int]], int]:
-    """torch's actions as (kind, mb, chunk): ``I`` input grad, a full ``B`` as ``I W``,
-    an overlapped F+B unit as its parts; also the number of overlapped units."""
-    out, pairs = [], 0
-    for op in ops:
-        if op is None:  # a tick where the rank idles in torch's grid
-            continue
-        pairs += bool(op.sub_actions)
-        for a in op.sub_actions or (op,):
-            chunk = 0 if a.stage_index == rank else 1  # V placement: chunk 0 runs stage `rank`
-            kind = a.computation_type.value
-            out += [("I", a.microbatch_index, chunk), ("W", a.microbatch_index, chunk)] \
-                if kind == "B" else [(kind, a.microbatch_index, chunk)]
-    return out, pairs
+    return [(a.kind.value, a.mb, a.chunk) for a in order]
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
@@ -106,11 +84,10 @@ def test_zb_v_is_torchs_order(p):
     """Identical, action for action. For ``m < 2p − 1`` both cut the order for ``2p − 1``
     micro-batches down to the first ``m`` (torch leaves ``None`` holes; we drop them)."""
     for m in range(1, 3 * p + 2):
-        theirs = _torch_orders(torch_schedules.ScheduleZBVZeroBubble, p, m)
+        theirs, _ = torch_orders("zb-v", p, m)
         ours = zb_v(p, m)
         assert ours.placement == make_placement("v", p, 2)  # (p = 1: same as the loop)
-        for r in range(p):
-            assert _ours(ours.ranks[r]) == _theirs(theirs[r], r)[0], (p, m, r)
+        assert [_ours(order) for order in ours.ranks] == theirs, (p, m)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 6])
@@ -119,12 +96,10 @@ def test_dualpipev_is_torchs_order(p):
     ``B`` directly followed by ``W`` (one backward, split only on paper), and its OVERLAP_F_B
     unit is ``F`` followed by the other chunk's ``B W``, recorded in ``overlapped``."""
     for m in range(2 * p, 2 * p + 5):
-        theirs = _torch_orders(torch_schedules.ScheduleDualPipeV, p, m)
+        theirs, units = torch_orders("dualpipev", p, m)
         ours = dualpipev(p, m)
-        for r in range(p):
-            actions, pairs = _theirs(theirs[r], r)
-            assert _ours(ours.ranks[r]) == actions, (p, m, r)
-            assert len(ours.overlapped[r]) == pairs
+        assert [_ours(order) for order in ours.ranks] == theirs, (p, m)
+        assert [len(k) for k in ours.overlapped] == units
 
 
 # -------------------------------------------------------------------- ZB-V and DualPipeV
@@ -244,3 +219,49 @@ def test_placement_diagram_and_the_comparison_with_the_optimum():
     curve = optimum_curve(2, 4, t_b=3.0, t_w=1.0)
     assert [c[0] for c in curve] == [1, 2, 3, 4] and all(c[2] for c in curve)
     assert curve[2][1] == rows["zb-h2"]["optimum"]  # ZB-H2's memory buys its optimum
+
+
+# ------------------------------------------------------------------------------ real ranks
+
+REAL = [("zb-h2", 2, 5), ("zb-v", 2, 4), ("dualpipev", 2, 4),
+        ("zb-h2", 4, 8), ("zb-v", 4, 8), ("dualpipev", 4, 8)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_ranks")
+@pytest.mark.parametrize("name,p,m", REAL, ids=[f"{n}-p{p}-m{m}" for n, p, m in REAL])
+def test_new_schedules_match_single_process_training_and_their_memory(make_case, name, p, m):
+    """Sequential consistency on gloo, and the observed activation peak equal to the order's
+    prediction and to the closed form (in units of one (chunk, micro-batch) stash)."""
+    from minipipe.runtime import reference, train
+    from test_runtime import assert_matches
+
+    model, loss_fn, data = make_case("mlp", m)  # 8 units: one per stage at p = 4 on the V
+    schedule = make_schedule(name, p, m)
+    result = train(model, loss_fn, schedule, data, return_grads=True, return_params=True,
+                   timeout=120)
+    assert_matches(result, reference(model, loss_fn, data))
+    assert result.peak_activation_bytes == result.predicted_activation_bytes
+    assert result.messages == formulas.messages(p, m, schedule.v, schedule.placement_name)
+    held = simulate(schedule, 1, 1, 1).peak_pending_w
+    assert held == formulas.peak_pending_w(name, p, m)
+    per = result.activation_bytes_per_mb
+    if all(len(set(d.values())) == 1 for d in per[:-1]):  # equal chunks: bytes = stashes × one
+        for r in range(p - 1):  # the last rank keeps what the loss needs too
+            assert result.peak_activation_bytes[r] == held[r] * per[r][0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_ranks")
+def test_the_search_optimum_runs_on_real_ranks(make_case):
+    from minipipe.runtime import reference, train
+    from minipipe.search import solve
+    from test_runtime import assert_matches
+
+    res = solve(2, 4, 1, 2, 1, memory_limit=2, time_limit=20)
+    model, loss_fn, data = make_case("mlp", 4)
+    result = train(model, loss_fn, res.schedule, data, return_grads=True, return_params=True,
+                   timeout=120)
+    assert_matches(result, reference(model, loss_fn, data))
+    per = result.activation_bytes_per_mb[0][0]
+    assert result.peak_activation_bytes[0] <= 2 * per  # the memory limit, observed

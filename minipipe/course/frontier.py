@@ -5,6 +5,8 @@
   and peak memory, next to the fastest schedule the solver finds under the same memory.
 - :func:`optimum_curve`: the optimal step for each memory limit (what memory buys).
 - :func:`frontier_explorer`: the two above behind sliders (an :class:`Explorer`).
+- :func:`torch_orders`: each rank's order from torch's ``ScheduleZBVZeroBubble`` or
+  ``ScheduleDualPipeV``, written in minipipe's actions, to compare with ours.
 
 Costs are per rank's share of the model, in units of ``t_f``: ``t_b`` the whole backward and
 ``t_w`` the part of it that a split-backward schedule defers as ``W`` (as in the explorers of
@@ -27,7 +29,7 @@ from ..simulate import simulate
 from .widgets import Explorer
 
 __all__ = ["placement_diagram", "compare_to_optimum", "optimum_curve", "frontier_explorer",
-           "FRONTIER"]
+           "torch_orders", "FRONTIER"]
 
 FRONTIER = ["1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev"]  #: the schedules compared
 _COLOURS = {"1f1b": "#4c72b0", "zb-h1": "#dd8452", "zb-h2": "#55a868", "zb-v": "#c44e52",
@@ -129,8 +131,9 @@ def frontier_explorer(p: int = 3, m: int = 6, t_b: float = 2.0, t_w: float = 1.0
 
     Chart: the optimal step for each memory limit (loop placement, split backward), and each
     schedule of :data:`FRONTIER` as a point at its own peak memory. Panel: the table of
-    :func:`compare_to_optimum`. Each redraw runs the solver a dozen times (seconds for
-    ``p <= 4``).
+    :func:`compare_to_optimum`. Each redraw runs the solver a dozen times, at most 2 s each
+    (what it has not proven by then is the best found; the panel's numbers are then upper
+    bounds on the optimum).
     """
     style = {"description_width": "initial"}
     controls = {
@@ -147,8 +150,8 @@ def frontier_explorer(p: int = 3, m: int = 6, t_b: float = 2.0, t_w: float = 1.0
 
     def draw(vals: dict[str, Any], fig: Figure) -> dict[str, Any]:
         p, m, t_b, t_w = vals["p"], vals["m"], vals["t_b"], min(vals["t_w"], vals["t_b"] - 0.5)
-        rows = compare_to_optimum(p, m, t_b, t_w, time_limit=5.0)
-        curve = optimum_curve(p, m, t_b, t_w, time_limit=5.0)
+        rows = compare_to_optimum(p, m, t_b, t_w, time_limit=2.0)
+        curve = optimum_curve(p, m, t_b, t_w, time_limit=2.0)
         ax = fig.add_subplot()
         ax.step([c[0] for c in curve], [c[1] for c in curve], where="post", color="black",
                 lw=1.2, label="optimum (search, loop placement)")
@@ -165,3 +168,38 @@ def frontier_explorer(p: int = 3, m: int = 6, t_b: float = 2.0, t_w: float = 1.0
                 for r in rows}
 
     return Explorer(controls, draw, title="against the optimum (simulated)", figsize=(7.0, 3.2))
+
+
+def torch_orders(name: str, p: int, m: int) -> tuple[list[list[tuple[str, int, int]]], list[int]]:
+    """torch 2.13's per-rank order for ``"zb-v"`` or ``"dualpipev"``, as ``(kind, mb, chunk)``.
+
+    Calls the schedule class's own generator (``_calculate_single_rank_operations``, what
+    fills its ``pipeline_order``) on a bare instance: no process group or stage is needed.
+    Written in minipipe's terms: torch's ``I`` (input gradient) is ``B``; a ``FULL_BACKWARD``
+    is ``B`` directly followed by ``W``; an ``OVERLAP_F_B`` unit is its forward, then its
+    backward; ``None`` (an idle tick in torch's grid) is dropped; the chunk is 0 for stage
+    ``rank`` and 1 for stage ``2p − 1 − rank`` (the V placement).
+
+    Returns:
+        The orders, and per rank the number of overlapped F&B units.
+    """
+    from torch.distributed.pipelining import schedules
+
+    cls = {"zb-v": schedules.ScheduleZBVZeroBubble, "dualpipev": schedules.ScheduleDualPipeV}[name]
+    bare = cls.__new__(cls)
+    bare.pp_group_size, bare._n_microbatches = p, m
+    bare.num_stages = bare._num_stages = 2 * p
+    orders, pairs = [], []
+    for r in range(p):
+        out, units = [], 0
+        for op in bare._calculate_single_rank_operations(r):
+            if op is None:
+                continue
+            units += bool(op.sub_actions)
+            for a in op.sub_actions or (op,):
+                chunk, kind = (0 if a.stage_index == r else 1), a.computation_type.value
+                steps = ["B", "W"] if kind == "B" else ["B" if kind == "I" else kind]
+                out += [(k, a.microbatch_index, chunk) for k in steps]
+        orders.append(out)
+        pairs.append(units)
+    return orders, pairs
