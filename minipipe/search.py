@@ -155,6 +155,11 @@ def _build(pb: _Problem):
             model.AddCumulative(held[r], [1] * len(held[r]), pb.capacity)
     step = model.NewIntVar(0, horizon, "step")
     model.AddMaxEquality(step, list(end.values()))
+    for r in range(pb.p):  # implied, but it helps the proof: a rank starts with its first
+        first = min(s for s in range(stages) if pb.where[s][0] == r)  # stage's first F and
+        work = sum(pb.duration(k, s) for k in pb.kinds for s in range(stages)  # then works
+                   if pb.where[s][0] == r) * pb.m
+        model.Add(step >= start[(Kind.F, first, 0)] + work)
     model.Minimize(step)
     return model, start, end
 
