@@ -206,7 +206,9 @@ def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, co
         if start_from is None:
             raise ValueError(f"no schedule found for p={p}, m={m} under memory_limit="
                              f"{memory_limit} in {time_limit} s ({solver.StatusName(status)})")
-        return SearchResult(start_from, _replay(start_from, pb).step_time, bound, False, wall)
+        kept = Schedule(start_from.ranks, m=m, v=pb.v, placement=start_from.placement,
+                        name=f"best-found@{memory_limit}")  # the solver found nothing better
+        return SearchResult(kept, _replay(kept, pb).step_time, bound, False, wall)
     orders = []
     for r in range(p):
         mine = sorted(((solver.Value(t), pb.kinds.index(k[0]), k) for k, t in start.items()
