@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Exercise 11 — a schedule on a budget
 #
-# *Goes with notebook 11 (the frontier). About 30 minutes.*
+# *Goes with [notebook 11 (the frontier)](../notebooks/11_frontier.ipynb). About 30 minutes.*
 #
 # A puzzle in the style of Sasha Rush's *LLM Training Puzzles*: you get the machine, the costs
 # and two budgets, and write a schedule that fits both.

@@ -122,4 +122,11 @@ CHECK_CELLS = {'01_bubble': [{'call': 'checks.check_bubble_fraction(bubble_fract
                   'names': ['fix_c'],
                   'part': '10c',
                   'sha256': '2876a63c7fcc9227e0177b609d24ae4e1b411f810580128327701baae2b3d0cc',
-                  'title': 'Three ranks'}]}
+                  'title': 'Three ranks'}],
+ '11_budget': [{'call': 'checks.check_budget_schedule(budget_schedule)',
+                'id': 'cell-06',
+                'index': 6,
+                'names': ['budget_schedule'],
+                'part': '11a',
+                'sha256': '18ff2930ccd0bf3566bcc9776d4f0196f4069991db183e38d6c43ece5deb6715',
+                'title': 'Write `budget_schedule()`'}]}
