@@ -5,6 +5,7 @@ own (fresh weights, its own steps), one after the other on the same process grou
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -41,7 +42,9 @@ def train_sweep(model: nn.Sequential, loss_fn: Callable, schedules: Sequence[Sch
     for schedule in schedules:
         batches = [data] * steps
         bounds = check_config(model, schedule, batches, 1, None)
-        jobs.append(Job(model, loss_fn, schedule, batches, bounds, lr=lr))
+        # each job its own copy: jobs travel to the ranks together, and a rank trains its
+        # stage's layers in place, so a shared model would hand one run's weights to the next
+        jobs.append(Job(copy.deepcopy(model), loss_fn, schedule, batches, bounds, lr=lr))
     start = time.perf_counter()
     ranks = launch(_sweep_main, p.pop(), jobs, backend=backend, timeout=timeout)
     wall = time.perf_counter() - start
