@@ -32,8 +32,8 @@
 # look.
 
 # %%
-from minipipe.course import checks
 from minipipe import Schedule, make_schedule, plot_timeline, simulate, validate
+from minipipe.course import checks
 from minipipe.course.report import verification_checkpoint
 
 T_F, T_B, T_W = 1.0, 2.0, 1.0
@@ -44,7 +44,7 @@ T_F, T_B, T_W = 1.0, 2.0, 1.0
 
 # %%
 for name in ("zb-h1", "zb-h2"):
-    tl = simulate(make_schedule(name, p=3, m=6), T_F, T_B, T_W)
+    tl = simulate(validate(make_schedule(name, p=3, m=6)), T_F, T_B, T_W)
     print(f"{name}: step {tl.step_time:g}, peak micro-batches held per rank {tl.peak_pending_w}")
 print(make_schedule("zb-h2", p=3, m=6))
 

@@ -246,8 +246,9 @@ REAL = [pytest.param(*c, id=f"{c[0]}-p{c[1]}-m{c[2]}",
 def test_new_schedules_match_single_process_training_and_their_memory(make_case, name, p, m):
     """Sequential consistency on gloo, and the observed activation peak equal to the order's
     prediction and to the closed form (in units of one (chunk, micro-batch) stash)."""
-    from minipipe.runtime import reference, train
     from test_runtime import assert_matches
+
+    from minipipe.runtime import reference, train
 
     model, loss_fn, data = make_case("mlp", m)  # 8 units: one per stage at p = 4 on the V
     schedule = make_schedule(name, p, m)
@@ -267,9 +268,10 @@ def test_new_schedules_match_single_process_training_and_their_memory(make_case,
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_leftover_ranks")
 def test_the_search_optimum_runs_on_real_ranks(make_case):
+    from test_runtime import assert_matches
+
     from minipipe.runtime import reference, train
     from minipipe.search import solve
-    from test_runtime import assert_matches
 
     res = solve(2, 4, 1, 2, 1, memory_limit=2, time_limit=20)
     model, loss_fn, data = make_case("mlp", 4)
