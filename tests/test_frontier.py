@@ -223,21 +223,9 @@ def test_placement_diagram_and_the_comparison_with_the_optimum():
 
 # ------------------------------------------------------------------------------ real ranks
 
-def _runtime_follows_placement() -> bool:
-    from minipipe.runtime import comm
-
-    return hasattr(comm, "channel_tag")  # one gloo tag per channel: frontier-core's phase 2
-
-
-_NEEDS_V_RUNTIME = pytest.mark.skipif(
-    not _runtime_follows_placement(),
-    reason="the runtime does not follow Schedule.placement yet (issue 17 §1, frontier-core's "
-           "'Runtime follows the placement' commit); these pass on a merge with it")
 REAL = [("zb-h2", 2, 5), ("zb-v", 2, 4), ("dualpipev", 2, 4),
         ("zb-h2", 4, 8), ("zb-v", 4, 8), ("dualpipev", 4, 8)]
-REAL = [pytest.param(*c, id=f"{c[0]}-p{c[1]}-m{c[2]}",
-                     marks=[_NEEDS_V_RUNTIME] if c[0] in ("zb-v", "dualpipev") else [])
-        for c in REAL]
+REAL = [pytest.param(*c, id=f"{c[0]}-p{c[1]}-m{c[2]}") for c in REAL]
 
 
 @pytest.mark.slow
