@@ -56,9 +56,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minipipe.runtime.launch import Context, launch
 from minipipe.models import gpt, gpt_loss, mlp, mlp_batch
 from minipipe.runtime import Job, StageWorker, split_evenly, train
+from minipipe.runtime.interpreter import run_step
+from minipipe.runtime.launch import Context, launch
 from minipipe.schedules import make_schedule
 
 LOSS_TOL = 1e-5
@@ -338,7 +339,7 @@ def _paired_rank(ctx: Context, row: Row, steps: int, warmup: int) -> dict[str, A
                 stack.enter_context(same_meter.hooks())
                 same_meter.peak = base = same_meter.live
             t0 = time.perf_counter()
-            record = worker.step(k, (x, y))
+            record = run_step(worker, k, (x, y))
             _sync(ctx.device)
             elapsed = time.perf_counter() - t0
         if measure:

@@ -16,8 +16,21 @@ The course machinery (exercise checks, grader, explorers, verification report) l
 """
 from . import formulas
 from .plot import compare_timelines, plot_timeline
-from .schedules import (Action, B, F, Kind, Schedule, W, gpipe, interleaved, make_schedule,
-                        naive, one_f_one_b, parse_actions, zb_h1)
+from .schedules import (
+    Action,
+    B,
+    F,
+    Kind,
+    Schedule,
+    W,
+    gpipe,
+    interleaved,
+    make_schedule,
+    naive,
+    one_f_one_b,
+    parse_actions,
+    zb_h1,
+)
 from .simulate import simulate
 from .timeline import Event, Timeline, text_timeline
 from .validate import ScheduleError, dry_run, validate

@@ -15,7 +15,7 @@ only rank 0 prints and writes files.
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import json
 import os
 import statistics
@@ -80,12 +80,27 @@ def _check_writable(flag: str, path: str | None) -> None:
         os.unlink(path)
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Any, Any, list]:
-    """Model, loss, schedule and batches; raises ValueError on a configuration that cannot run."""
+def _mlp_step(batch: int, seed: int, k: int) -> tuple[Any, Any]:
+    from .models import mlp_batch
+
+    return mlp_batch(batch, seed=seed + k)
+
+
+def _token_step(batch: int, seed: int, k: int) -> tuple[Any, Any]:
     import torch
+
+    g = torch.Generator().manual_seed(seed * 100_003 + k + 1)
+    tokens = torch.randint(0, 64, (batch, 17), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]  # next-token prediction
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """Model specs, loss, schedule and a loader; raises ValueError on a configuration that
+    cannot run."""
     import torch.nn.functional as F
 
-    from .models import gpt, gpt_loss, mlp, mlp_batch
+    from .loaders import as_loader, per_step
+    from .models import gpt_loss, gpt_specs, mlp_specs
     from .runtime import ConfigError, check_config
     from .runtime.launch import choose_backend, under_torchrun
     from .schedules import make_schedule
@@ -101,17 +116,18 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, list]:
     if args.tie and args.model != "gpt":
         raise ConfigError("--tie needs --model gpt (the MLP has no embedding to tie)")
     batch = args.batch if args.batch is not None else 4 * args.microbatches
+    # layer specs: each rank builds its own layers; data: each step's batch made on the ranks
+    # that read it, so --steps 100000 starts as fast as --steps 3
     if args.model == "mlp":
-        model, loss_fn = mlp(layers, args.width, seed=args.seed), F.mse_loss
-        data = [mlp_batch(batch, seed=args.seed + k) for k in range(args.steps)]
+        model, loss_fn = mlp_specs(layers, args.width, seed=args.seed), F.mse_loss
+        data = per_step(functools.partial(_mlp_step, batch, args.seed), args.steps)
     else:
         if args.width % 2:
             raise ConfigError("--width must be even for the GPT (two attention heads)")
-        model, loss_fn = gpt(vocab=64, context=16, width=args.width, layers=layers,
-                             tie=args.tie, seed=args.seed), gpt_loss
-        g = torch.Generator().manual_seed(args.seed + 1)
-        tokens = [torch.randint(0, 64, (batch, 17), generator=g) for _ in range(args.steps)]
-        data = [(t[:, :-1], t[:, 1:]) for t in tokens]  # next-token prediction
+        model, loss_fn = gpt_specs(vocab=64, context=16, width=args.width, layers=layers,
+                                   tie=args.tie, seed=args.seed), gpt_loss
+        data = per_step(functools.partial(_token_step, batch, args.seed), args.steps)
+    data = as_loader(data)
     check_config(model, schedule, data, 1, None)
     choose_backend(schedule.p, args.backend)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != schedule.p:
@@ -148,7 +164,7 @@ def figures(result: Any, schedule: Any) -> tuple[dict[str, Any], Any]:
     return report, predicted
 
 
-def check(result: Any, model: Any, loss_fn: Any, data: list) -> dict[str, Any]:
+def check(result: Any, model: Any, loss_fn: Any, data: Any) -> dict[str, Any]:
     """Largest differences from single-process training on the whole batch."""
     from .runtime import reference
 
@@ -177,8 +193,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 2
     try:
-        # a copy: under torchrun the rank runs in this process and would train `model` itself
-        result = train(copy.deepcopy(model), loss_fn, schedule, data, backend=args.backend,
+        result = train(model, loss_fn, schedule, data, backend=args.backend,
                        return_grads=args.check, return_params=args.check)
     except (WorkerError, PipelineTimeout) as err:
         print(f"minipipe: the run failed: {err}", file=sys.stderr)
@@ -186,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if not rank0:
         return 0
     report, predicted = figures(result, schedule)
-    report["config"].update(model=args.model, batch=data[0][0].shape[0], steps=args.steps,
+    report["config"].update(model=args.model, batch=data.sample()[0][0].shape[0], steps=args.steps,
                             seed=args.seed, tie=args.tie)
     print(result.summary())
     print(f"predicted from the measured mean action times (no communication): step "

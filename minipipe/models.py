@@ -16,8 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResidualMLP", "mlp", "mlp_batch", "Embed", "Block", "Head", "gpt", "gpt_loss",
-           "FixedTimeBlock", "stand_in", "stand_in_gpt", "backward_phase"]
+from .specs import LayerSpec, SpecModel, TiedLayerSpec
+
+__all__ = ["ResidualMLP", "mlp", "mlp_specs", "mlp_batch", "Embed", "Block", "Head", "gpt",
+           "gpt_specs", "gpt_loss", "vlm_specs", "vlm_batch", "Patches", "EncoderBlock",
+           "Projector", "TextHead", "FixedTimeBlock", "stand_in", "stand_in_gpt",
+           "backward_phase"]
 
 
 class ResidualMLP(nn.Module):
@@ -38,6 +42,14 @@ def mlp(layers: int = 8, width: int = 32, d_in: int = 16, d_out: int = 16, seed:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, width), *[ResidualMLP(width) for _ in range(layers)],
                          nn.Linear(width, d_out))
+
+
+def mlp_specs(layers: int = 8, width: int = 32, d_in: int = 16, d_out: int = 16,
+              seed: int = 0) -> SpecModel:
+    """:func:`mlp` as layer specs: each rank builds only its layers (seeded per layer)."""
+    return SpecModel([LayerSpec(nn.Linear, d_in, width),
+                      *[LayerSpec(ResidualMLP, width) for _ in range(layers)],
+                      LayerSpec(nn.Linear, width, d_out)], seed)
 
 
 def mlp_batch(batch: int = 32, d_in: int = 16, d_out: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +135,119 @@ def gpt(vocab: int = 32, context: int = 16, width: int = 32, layers: int = 4, he
     return model
 
 
+def _gpt_init(layer: nn.Module, layers: int) -> nn.Module:
+    for name, p in layer.named_parameters():  # GPT-2 style, as in gpt()
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02 / (math.sqrt(2 * layers) if name.endswith("proj.weight") else 1))
+    return layer
+
+
+def _gpt_layer(cls: type, layers: int, *args: int) -> nn.Module:
+    return _gpt_init(cls(*args), layers)
+
+
+def gpt_specs(vocab: int = 32, context: int = 16, width: int = 32, layers: int = 4,
+              heads: int = 2, tie: bool = False, seed: int = 0) -> SpecModel:
+    """:func:`gpt` as layer specs; ``tie=True`` ties the LM head to the token embedding
+    with a :class:`~minipipe.specs.TiedLayerSpec` (the first and last stage share it)."""
+    ends = [(Embed, "tok.weight", (vocab, context, width)), (Head, "out.weight", (width, vocab))]
+    embed, head = (TiedLayerSpec("embedding", _gpt_layer, cls, layers, *args, tied_weight_attr=attr)
+                   if tie else LayerSpec(_gpt_layer, cls, layers, *args)
+                   for cls, attr, args in ends)
+    blocks = [LayerSpec(_gpt_layer, Block, layers, width, heads) for _ in range(layers)]
+    return SpecModel([embed, *blocks, head], seed)
+
+
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits ``(B, T, V)``, targets ``(B, T)``."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ---------------------------------------------------------------- a small vision-language model
+
+
+class Patches(nn.Module):
+    """``(images (B, 3, H, W), tokens (B, T))`` -> ``(patch embeddings (B, N, C), tokens)``."""
+
+    def __init__(self, patch: int, width: int, image: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(3 * patch * patch, width)
+        self.pos = nn.Parameter(torch.zeros((image // patch) ** 2, width))
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, tokens = batch
+        p = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, 3·p·p)
+        return self.proj(p) + self.pos, tokens
+
+
+class EncoderBlock(Block):
+    """A bidirectional transformer block over the patches; the tokens pass through."""
+
+    def forward(self, value: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, tokens = value
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x)), tokens
+
+
+class Projector(nn.Module):
+    """Image features pooled ``pool`` patches to one and projected to the text width, then the
+    token embeddings after them: ``(B, N, C_img), (B, T)`` -> ``(B, N/pool + T, C_text)``
+    (image tokens first, LLaVA-style)."""
+
+    def __init__(self, img_width: int, width: int, vocab: int, context: int, pool: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.proj = nn.Sequential(nn.Linear(img_width, width), nn.GELU(), nn.Linear(width, width))
+        self.embed = Embed(vocab, context, width)
+
+    def forward(self, value: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        image, tokens = value
+        B, N, C = image.shape
+        pooled = image.view(B, N // self.pool, self.pool, C).mean(2)
+        return torch.cat([self.proj(pooled), self.embed(tokens)], dim=1)
+
+
+class TextHead(Head):
+    """Logits for the text positions only (the last ``T``, after ``skip`` image tokens)."""
+
+    def __init__(self, width: int, vocab: int, skip: int) -> None:
+        super().__init__(width, vocab)
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, self.skip:])
+
+
+def vlm_specs(image: int = 32, patch: int = 4, img_width: int = 64, img_layers: int = 4,
+              pool: int = 4, vocab: int = 32, context: int = 8, width: int = 32, layers: int = 4,
+              heads: int = 2, seed: int = 0) -> SpecModel:
+    """A small vision-language model as layer specs: ``[Patches, EncoderBlock × img_layers,
+    Projector, Block × layers, TextHead]``. Its layers differ in cost (a wide encoder over
+    every patch, a narrow decoder over pooled image tokens and text) *and* in boundary: a tuple
+    (patch features, token ids) through the encoder, one tensor after the projector.
+    Batches: ``((images, tokens), targets)``, see :func:`vlm_batch`."""
+    patches = (image // patch) ** 2
+    return SpecModel([LayerSpec(Patches, patch, img_width, image),
+                      *[LayerSpec(EncoderBlock, img_width, heads) for _ in range(img_layers)],
+                      LayerSpec(Projector, img_width, width, vocab, context, pool),
+                      *[LayerSpec(_gpt_layer, Block, layers, width, heads) for _ in range(layers)],
+                      LayerSpec(TextHead, width, vocab, patches // pool)], seed)
+
+
+def vlm_batch(batch: int = 8, image: int = 32, vocab: int = 32, context: int = 8,
+              seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Synthetic ``((images, tokens), targets)``: the caption is a function of the image (its
+    brightest channel per row band), so the model has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, image, image, generator=g)
+    bands = images.view(batch, 3, context, -1).mean(-1).argmax(1)  # (B, context) in 0..2
+    text = (bands * 7 + torch.arange(context)) % vocab
+    return (images, text[:, :-1].contiguous()), text[:, 1:].contiguous()
 
 
 # ---------------------------------------------------------------- the fixed-time stand-in

@@ -20,13 +20,16 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+from .specs import SpecModel, as_specs
+from .structure import as_stage_input, detach, differentiable, flatten
 
 __all__ = ["Partition", "split_evenly", "balanced", "by_layers", "by_parameters", "by_type", "by_time",
            "profile_layers"]
@@ -165,8 +168,10 @@ def balanced(costs: Sequence[float], n: int, method: str = "balanced") -> Partit
     return Partition(bounds, costs, method)
 
 
-def _layers(model: Model) -> list[nn.Module]:
-    return list(model)
+def _layers(model: Model | SpecModel) -> list[nn.Module]:
+    """The layers; for layer specs, on the meta device (shapes and counts, no weights)."""
+    specs = as_specs(model)
+    return list(specs.meta()) if specs is not None else list(model)
 
 
 def by_layers(model: Model, n: int) -> Partition:
@@ -224,29 +229,38 @@ def profile_layers(model: Model, sample_input: torch.Tensor, repeats: int = 3) -
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    layers = _layers(model)
-    saved = {p: p.grad for layer in layers for p in layer.parameters()}
+    specs = as_specs(model)
+    if specs is not None:  # one real layer at a time: the caller never holds them all
+        layers = (specs.build([i])[i] for i in range(len(specs)))
+        return _profile(layers, sample_input, repeats)
+    return _profile(_layers(model), sample_input, repeats)
 
-    def sync(t: torch.Tensor) -> None:
-        if t.is_cuda:
-            torch.cuda.synchronize(t.device)
+
+def _profile(layers: Iterable[nn.Module], sample_input: torch.Tensor, repeats: int) -> list[float]:
+    """Time each layer in turn; a list's ``.grad`` fields are put back afterwards."""
+    saved = {p: p.grad for layer in layers for p in layer.parameters()} if isinstance(layers, list) else {}
+
+    def sync(value: Any) -> None:
+        if any(t is not None and t.is_cuda for t in flatten(value)[1]):
+            torch.cuda.synchronize()
 
     times, x = [], sample_input
     try:
         for layer in layers:
-            inp = x.detach().requires_grad_(x.is_floating_point())
+            inp = as_stage_input(x)  # a tensor or a tuple/dict of them (see minipipe.structure)
             runs = []
             for k in range(repeats + 1):  # k = 0: warm-up
                 sync(inp)
                 start = time.perf_counter()
                 out = layer(inp)
-                if out.requires_grad:
-                    out.backward(torch.ones_like(out))
+                grads = [t for t in differentiable(out) if t.requires_grad]
+                if grads:
+                    torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
                 sync(out)
                 if k:
                     runs.append(time.perf_counter() - start)
             times.append(statistics.median(runs))
-            x = out.detach()
+            x = detach(out)
     finally:
         for p, g in saved.items():
             p.grad = g

@@ -215,11 +215,11 @@ def checkpoint_dir(directory: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------- reading
 
 
-def _read(path: str) -> dict[str, Any]:
+def _read(path: str, mmap: bool = False) -> dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # any failure to read means the same thing here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} cannot be read: the file is truncated or corrupt "
@@ -232,8 +232,11 @@ def _read(path: str) -> dict[str, Any]:
     return data
 
 
-def merge_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def merge_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
     """Join the rank files of the checkpoint in directory ``path`` into one state.
+
+    ``mmap=True`` maps the files instead of reading them: only tensors used are paged in
+    (how a rank of a run given layer specs reads just its own layers).
 
     Returns:
         ``{"model": state_dict, "optimizer": {name: state}, "meta": meta}``. ``model`` loads
@@ -254,13 +257,13 @@ def merge_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.exists(rank_file(directory, 0)):
         raise CheckpointError(f"no checkpoint in {directory!r}: {rank_file(directory, 0)} "
                               "not found")
-    first = _read(rank_file(directory, 0))
+    first = _read(rank_file(directory, 0), mmap)
     meta = first["meta"]
     for r in range(1, meta["world_size"]):
         if not os.path.exists(rank_file(directory, r)):
             raise CheckpointError(f"{rank_file(directory, r)} is missing: the checkpoint was "
                                   f"written by {meta['world_size']} ranks")
-    files = [first] + [_read(rank_file(directory, r)) for r in range(1, meta["world_size"])]
+    files = [first] + [_read(rank_file(directory, r), mmap) for r in range(1, meta["world_size"])]
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     optim: dict[str, dict] = {}
@@ -373,6 +376,26 @@ def load_into(model: nn.Sequential, path_or_state: str | os.PathLike | Mapping[s
         restore_optimizer(optimizer, {names[id(q)]: q for q in model.parameters()},
                           state["optimizer"])
     return state
+
+
+def load_stage(layers: Mapping[int, nn.Module], path: str | os.PathLike) -> dict[str, dict]:
+    """A rank's side of ``resume_from`` with layer specs: load layers ``{index: layer}`` from
+    the checkpoint (mapped, not read whole); returns the optimizer state by parameter name."""
+    state = merge_checkpoint(path, mmap=True)
+    for i, layer in layers.items():
+        mine = {k: state["model"][f"{i}.{k}"] for k in layer.state_dict()}
+        layer.load_state_dict(mine, strict=True)
+    return state["optimizer"]
+
+
+def check_resume(meta_model: nn.Sequential, path: str | os.PathLike,
+                 optimizer: str | Callable) -> int:
+    """Caller side of ``resume_from`` with layer specs: check the checkpoint's names and shapes
+    against the model on the meta device (files mapped, not read); returns its step count."""
+    state = merge_checkpoint(path, mmap=True)
+    check_model(meta_model, state)
+    check_optimizer(state, optimizer_name(optimizer, meta_model.parameters()))
+    return int(state["meta"]["step"])
 
 
 def prepare_resume(model: nn.Sequential, path: str | os.PathLike,

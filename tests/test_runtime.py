@@ -197,8 +197,10 @@ def test_bad_configuration_fails_before_any_process(make_case, monkeypatch, prob
         data = (x[:4], y[:4])
     elif problem == "schedule":
         schedule, error, match = Schedule(["F0 B0", "B0 F0"]), ScheduleError, "before its F"
-    elif problem == "batch-shapes":  # stage shapes are learned once: every step must match
-        data, match = [(x, y), (x[:8], y[:8])], "one shape"
+    elif problem == "batch-shapes":  # specs: a meta-device trial forward finds the bad stage
+        from minipipe.models import mlp_specs
+
+        model, data, match = mlp_specs(layers=6, width=16, d_in=4, d_out=8), (x, y), "stage 0"
     else:
         kwargs, match = {"bounds": [0, 8, 8]}, "empty"
     start = time.perf_counter()

@@ -9,11 +9,26 @@
 Everything is arithmetic plus :func:`minipipe.simulate`; nothing runs on a device.
 """
 
-from .costmodel import (HARDWARE, MODELS, RECOMPUTE, Hardware, Model, StageCost,
-                        activation_bytes_per_layer, block_times, embedding_activation_bytes,
-                        head_times, layer_flops, message_bytes, message_time,
-                        output_activation_bytes, output_flops, stage_costs, state_bytes_per_param,
-                        tensor_parallel_time)
+from .costmodel import (
+                        HARDWARE,
+                        MODELS,
+                        RECOMPUTE,
+                        Hardware,
+                        Model,
+                        StageCost,
+                        activation_bytes_per_layer,
+                        block_times,
+                        embedding_activation_bytes,
+                        head_times,
+                        layer_flops,
+                        message_bytes,
+                        message_time,
+                        output_activation_bytes,
+                        output_flops,
+                        stage_costs,
+                        state_bytes_per_param,
+                        tensor_parallel_time,
+)
 from .plan import Config, Estimate, Plan, evaluate, plan
 
 __all__ = ["HARDWARE", "MODELS", "RECOMPUTE", "Hardware", "Model", "StageCost",

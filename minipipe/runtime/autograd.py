@@ -20,6 +20,8 @@ from ..models import backward_phase
 
 __all__ = ["ActivationMeter", "backward_input", "backward_weight"]
 
+_CASTS = {"ToCopyBackward0", "TBackward0", "TransposeBackward0", "ViewBackward0", "PermuteBackward0"}
+
 
 class ActivationMeter:
     """Bytes autograd saves for backward on one rank: per micro-batch, live, and at peak.
@@ -74,7 +76,8 @@ class ActivationMeter:
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
             ident = storage._cdata  # the storage itself, whichever tensor views it
-            if storage.data_ptr() not in self.param_storages and ident not in seen:
+            if storage.data_ptr() not in self.param_storages and ident not in seen \
+                    and not self._cast(t):  # autocast's low-precision weight copies: weights
                 seen.add(ident)
                 if self.mode == "observed":
                     old = self._alive.get(ident)
@@ -105,6 +108,18 @@ class ActivationMeter:
         self._held[(chunk, mb)] = total
         self.live += total
         self.peak = max(self.peak, self.live)
+
+    def _cast(self, t: torch.Tensor) -> bool:
+        """A low-precision copy of a parameter made by autocast (weights, not activations)."""
+        fn = t.grad_fn
+        for _ in range(4):
+            name = type(fn).__name__
+            if name == "AccumulateGrad":
+                return fn.variable.untyped_storage().data_ptr() in self.param_storages
+            if fn is None or name not in _CASTS:
+                return False
+            fn = fn.next_functions[0][0]
+        return False
 
     def release(self, chunk: int, mb: int) -> None:
         """Counted mode: the runtime says this micro-batch's saved tensors are gone now."""
@@ -143,31 +158,40 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- split backward (B, then W)
 
 
-def backward_input(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tensor | None,
-                   params: list[nn.Parameter]) -> tuple[torch.Tensor | None, tuple]:
+def backward_input(out: Any, grad: Any, inp: Any,
+                   params: list[nn.Parameter]) -> tuple[Any, tuple]:
     """B of a split backward: the gradient for the stage input now; W's part is kept for later.
 
     torch's pipelining helpers record the gradients arriving at the nodes that feed the
     weights, so :func:`backward_weight` computes only weight gradients. Without an input
     gradient to compute (stage 0), W walks the kept graph from the output: that is the whole
-    backward, and it is W's to do.
+    backward, and it is W's to do. ``out``, ``grad`` and ``inp`` are tensors or lists of them
+    (a stage boundary carrying several tensors); the gradient comes back in ``inp``'s form.
 
     Returns:
-        ``(input gradient or None, kept)``; pass ``kept`` to :func:`backward_weight`.
+        ``(input gradient(s) or None, kept)``; pass ``kept`` to :func:`backward_weight`.
     """
     try:  # imported here: torch.distributed.pipelining costs each rank ~1 s to import
         from torch.distributed.pipelining._backward import stage_backward_input
     except ImportError:  # pragma: no cover - a torch without it: W re-walks the graph
         stage_backward_input = None
-    if not out.requires_grad or (inp is None and not params):  # no trainable weight up to here
-        return None, ("none", params, None)
+    many = isinstance(inp, (list, tuple))
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    grads = None if grad is None else list(grad) if isinstance(grad, (list, tuple)) else [grad]
+    ins = None if inp is None else list(inp) if many else [inp]
+    if not any(o.requires_grad for o in outs) or (not ins and not params):
+        return None, ("none", params, None)  # no trainable weight up to here
     with backward_phase("input"):
-        if inp is not None and stage_backward_input is not None:
-            (g_in,), groups = stage_backward_input([out], None if grad is None else [grad],
-                                                   [inp], iter(params))
-            return g_in, ("groups", params, groups)
-        g_in = torch.autograd.grad(out, inp, grad, retain_graph=True)[0] if inp is not None else None
-    return g_in, ("graph", params, (out, grad))
+        if ins and stage_backward_input is not None:
+            g_in, groups = stage_backward_input(outs, grads, ins, iter(params))
+            kept: tuple = ("groups", params, groups)
+        else:
+            g_in = torch.autograd.grad(outs, ins, grads, retain_graph=True,
+                                       allow_unused=True) if ins else None
+            kept = ("graph", params, (outs, grads))
+    if g_in is None:
+        return None, kept
+    return (list(g_in) if many else g_in[0]), kept
 
 
 def backward_weight(kept: tuple) -> None:

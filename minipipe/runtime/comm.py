@@ -31,13 +31,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..structure import Signature
 from ..validate import Message
 
-__all__ = ["P2P", "TensorMeta", "channel_tag", "channel_groups"]
+__all__ = ["P2P", "TensorMeta", "SENDABLE", "channel_tag", "channel_groups"]
 
-_HEADER = 10  # dtype code, ndim, up to 8 dims
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-           torch.bool, torch.uint8]
+_SIG_BYTES = 1024  # a boundary's signature (structure, dtypes, shapes) as JSON, zero-padded
+SENDABLE = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+            torch.bool, torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class TensorMeta:
     dtype: torch.dtype
 
 
-def _key(msg: Message) -> tuple[str, int, int]:
-    return (msg.kind, msg.stage, msg.mb)
+def _key(msg: Message, part: int = 0) -> tuple[str, int, int, int]:
+    return (msg.kind, msg.stage, msg.mb, part)
 
 
 def channel_tag(msg: Message) -> int:
@@ -95,6 +96,7 @@ class P2P:
     lookahead: int = field(default_factory=lambda: int(os.environ.get("MINIPIPE_LOOKAHEAD", "2")))
     messages_sent: int = 0
     bytes_sent: int = 0
+    handshakes_sent: int = 0  # signatures sent: once per edge, again when batch shapes change
     _step: int = 0
     _pending: list = field(default_factory=list)
     _record: list | None = field(default_factory=list)  # first step: (message, meta) received
@@ -110,17 +112,26 @@ class P2P:
     def step(self, k: int) -> None:
         self.start(k)
 
-    def start(self, k: int) -> None:
-        """Begin step ``k``: from the second step on, post the first receives ahead."""
+    def start(self, k: int, reshape: bool = False) -> None:
+        """Begin step ``k``: from the second step on, post the first receives ahead.
+
+        ``reshape``: this step's boundary shapes may differ (handshakes come first), so
+        nothing is posted ahead; its receives are recorded for the steps after it.
+        """
         self._step = k
         if self.lookahead <= 0:
+            return
+        if reshape and k > 0:
+            for lane in self._lanes.values():
+                lane.restart()  # raises if a receive was left over
+            self._lanes, self._record = {}, []
             return
         if self._record:  # the step that was recorded is over: arm the lanes with it
             if self.channel_groups is None and dist.is_initialized() \
                     and dist.get_backend() == "gloo":
                 by_channel: dict[tuple[str, int], list] = {}
-                for msg, meta in self._record:
-                    by_channel.setdefault(msg.channel, []).append((msg, meta))
+                for (msg, part), meta in self._record:
+                    by_channel.setdefault(msg.channel, []).append(((msg, part), meta))
                 self._lanes = {ch: _Lane(exp) for ch, exp in by_channel.items()}
             self._record = None
         elif self._record is not None:
@@ -131,9 +142,9 @@ class P2P:
 
     def _fill(self, lane: _Lane) -> None:
         while len(lane.posted) < self.lookahead and lane.next < len(lane.expected):
-            msg, meta = lane.expected[lane.next]
+            (msg, part), meta = lane.expected[lane.next]
             buf = torch.empty(meta.shape, dtype=meta.dtype, device=self._where())
-            lane.posted.append((_key(msg), meta, self._irecv(buf, msg), buf))
+            lane.posted.append((_key(msg, part), meta, self._irecv(buf, msg), buf))
             lane.next += 1
 
     def _isend(self, tensor: torch.Tensor, msg: Message) -> Any:
@@ -168,19 +179,24 @@ class P2P:
         self.messages_sent += 1
         self.bytes_sent += out.numel() * out.element_size()
 
-    def send_meta(self, msg: Message, tensor: torch.Tensor) -> None:
-        """Post the shape and dtype of ``tensor`` ahead of the first message on an edge."""
-        code = _DTYPES.index(tensor.dtype)
-        header = torch.tensor([code, tensor.dim(), *tensor.shape], dtype=torch.int64)
-        header = torch.cat([header, header.new_zeros(_HEADER - len(header))])
-        self._pending.append((self._isend(self._out(header), msg), header))
+    def send_signature(self, msg: Message, sig: Signature) -> None:
+        """The handshake: post the structure, dtypes and shapes of what follows on an edge
+        (before its first message, and in a step whose batch shapes changed)."""
+        raw = sig.encode()
+        if len(raw) > _SIG_BYTES:
+            raise RuntimeError(f"stage {msg.stage} returns a structure too large to describe in "
+                               f"{_SIG_BYTES} bytes ({len(raw)}): {sig.tree}")
+        buf = torch.zeros(_SIG_BYTES, dtype=torch.uint8)
+        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        self._pending.append((self._isend(self._out(buf), msg), buf))
+        self.handshakes_sent += 1
 
-    def recv_meta(self, msg: Message) -> TensorMeta:
-        """Receive what :meth:`send_meta` posted."""
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self._where())
-        self._irecv(header, msg).wait()
-        code, ndim, *dims = header.tolist()
-        return TensorMeta(tuple(dims[:ndim]), _DTYPES[code])
+    def recv_signature(self, msg: Message) -> Signature:
+        """Receive what :meth:`send_signature` posted."""
+        buf = torch.empty(_SIG_BYTES, dtype=torch.uint8, device=self._where())
+        self._irecv(buf, msg).wait()
+        raw = bytes(buf.cpu().tolist())
+        return Signature.decode(raw.rstrip(b"\0"))
 
     def _where(self) -> torch.device:
         return torch.device("cpu") if self.staged else self.device
@@ -188,21 +204,21 @@ class P2P:
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self._where())
 
-    def recv(self, msg: Message, meta: TensorMeta) -> torch.Tensor:
-        """Receive the tensor described by ``msg`` (blocks until it arrives)."""
+    def recv(self, msg: Message, meta: TensorMeta, part: int = 0) -> torch.Tensor:
+        """Receive tensor ``part`` of the message ``msg`` (blocks until it arrives)."""
         lane = self._lanes.get(msg.channel)
         if lane is not None:
             if not lane.posted:  # lookahead used up (cannot happen with lookahead >= 1)
                 self._fill(lane)
             key, want, work, buf = lane.posted.popleft()
-            if key != _key(msg) or want != meta:
+            if key != _key(msg, part) or want != meta:
                 raise RuntimeError(
-                    f"receive posted ahead for {key} {want} but the step asks for {_key(msg)} "
+                    f"receive posted ahead for {key} {want} but the step asks for {_key(msg, part)} "
                     f"{meta}: every step must receive the same messages in the same order")
             self._fill(lane)  # post the next ones before blocking on this one
         else:
             if self._record is not None and self.lookahead > 0:
-                self._record.append((msg, meta))
+                self._record.append(((msg, part), meta))
             buf = torch.empty(meta.shape, dtype=meta.dtype, device=self._where())
             work = self._irecv(buf, msg)
         work.wait()

@@ -20,16 +20,18 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..loaders import Loader
 from ..partition import split_evenly
 from ..schedules import Schedule
+from ..specs import SpecModel
+from ..structure import flatten, rows, signature, take_rows, unflatten
 from ..validate import validate
-from .comm import _DTYPES, _HEADER
+from .comm import SENDABLE
 from .job import Batch
 
 __all__ = ["check_arguments", "check_config", "check_boundaries", "check_boundary", "as_int"]
 
 OPTIMIZERS = ("sgd", "adam")
-MAX_DIMS = _HEADER - 2  # the shape header holds a dtype code, ndim and the sizes
 
 
 def as_int(name: str, value: Any, least: int = 1) -> int:
@@ -77,27 +79,30 @@ def _check_writable_dir(path: str) -> None:
                           "give a directory you can write to")
 
 
-def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp: int,
+def check_config(model: nn.Sequential | SpecModel, schedule: Schedule,
+                 data: Loader | Sequence[Batch], dp: int,
                  bounds: list[int] | None, checkpoint: bool | Sequence[int] = False,
                  validate_schedule: bool = True) -> list[int]:
     """The schedule, the split, the data and the stage outputs; returns the stage boundaries.
 
     ``validate_schedule=False`` (``train(check_schedule=False)``) leaves out the schedule's
     validation and the checks of the split, the batches and the stage outputs, to watch a
-    bad configuration fail in the ranks.
+    bad configuration fail in the ranks. Batches given in memory are all checked; a streamed
+    loader's first batch only. Layer specs get their trial forward on the meta device.
     """
     dp = as_int("dp", dp)
-    layers = list(model)
+    num_layers = len(model)
+    data = data.sample() if isinstance(data, Loader) else list(data)
     if bounds is None:
-        bounds = split_evenly(len(layers), schedule.num_stages)
+        bounds = split_evenly(num_layers, schedule.num_stages)
     if not data:
         raise ConfigError("data holds no batches: give one (inputs, targets) batch or a list")
     if not validate_schedule:
         return bounds
     validate(schedule)
-    if len(bounds) != schedule.num_stages + 1 or bounds[0] != 0 or bounds[-1] != len(layers):
+    if len(bounds) != schedule.num_stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers:
         raise ConfigError(f"bounds must have {schedule.num_stages + 1} entries from 0 to "
-                          f"{len(layers)}, got {bounds}")
+                          f"{num_layers}, got {bounds}")
     if any(b >= e for b, e in zip(bounds, bounds[1:])):
         raise ConfigError(f"every stage needs at least one layer; bounds {bounds} leave one empty")
     if not isinstance(checkpoint, bool) and (not isinstance(checkpoint, (Sequence, set)) or any(
@@ -107,25 +112,43 @@ def check_config(model: nn.Sequential, schedule: Schedule, data: list[Batch], dp
                           f"{schedule.num_stages - 1}, got {checkpoint!r}")
     _check_data(schedule, data, dp)
     x = data[0][0]
-    check_boundaries(model, schedule, bounds, x[: x.shape[0] // (dp * schedule.m)])
+    sample = take_rows(x, 0, rows(x) // (dp * schedule.m))
+    if isinstance(model, SpecModel):
+        trial_forward(model.meta(), bounds, sample)
+    else:
+        check_boundaries(model, schedule, bounds, sample)
     return bounds
 
 
+def trial_forward(meta: nn.Sequential, bounds: list[int], x: Any) -> None:
+    """Layer specs: run the model on the meta device, stage by stage, on ``x``'s shapes: a
+    stage that cannot take what the previous one returns fails here, named."""
+    tree, leaves = flatten(x)
+    value = unflatten(tree, [None if t is None else t.to("meta") for t in leaves])
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        try:
+            value = meta[a:b](value)
+        except NotImplementedError:  # an operation without a meta kernel: nothing to learn
+            return
+        except Exception as e:
+            raise ConfigError(f"stage {s} (layers {a}-{b - 1}) fails on what it receives, "
+                              f"{signature(value)}: {type(e).__name__}: {e}") from e
+
+
 def _check_data(schedule: Schedule, data: list[Batch], dp: int) -> None:
+    """Every batch a pair (inputs, targets) of tensors or tuples/dicts of them, with rows that
+    ``dp`` replicas × ``m`` micro-batches divide. Shapes may change from batch to batch."""
     for k, batch in enumerate(data):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                and all(isinstance(t, torch.Tensor) for t in batch)):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ConfigError(f"batch {k} is a {type(batch).__name__}, not an (inputs, targets) "
-                              "pair of tensors")
-    for k, (x, y) in enumerate(data):
-        if (x.shape, y.shape) != (data[0][0].shape, data[0][1].shape):
-            raise ConfigError(f"batch {k} has shapes {tuple(x.shape)}, {tuple(y.shape)} but batch 0 "
-                              f"has {tuple(data[0][0].shape)}, {tuple(data[0][1].shape)}: every "
-                              "step must use batches of one shape (stage shapes are sent once)")
-        n = x.shape[0] if x.dim() else 0
-        if y.dim() == 0 or y.shape[0] != n:
-            raise ConfigError(f"batch {k}: inputs have {n} rows, targets "
-                              f"{y.shape[0] if y.dim() else 0}")
+                              "pair")
+        try:
+            n, n_y = rows(batch[0]), rows(batch[1])
+        except (TypeError, IndexError) as e:
+            raise ConfigError(f"batch {k} is not an (inputs, targets) pair of tensors (or "
+                              f"tuples/dicts of them): {e}") from e
+        if n_y != n:
+            raise ConfigError(f"batch {k}: inputs have {n} rows, targets {n_y}")
         if n == 0 or n % (dp * schedule.m):
             raise ConfigError(
                 f"batch {k} has {n} samples, which {dp} replica(s) × {schedule.m} micro-batches "
@@ -134,25 +157,21 @@ def _check_data(schedule: Schedule, data: list[Batch], dp: int) -> None:
 
 
 def check_boundary(stage: int, value: Any, crosses: bool = True) -> None:
-    """What stage ``stage`` may hand to the next stage: one floating-point tensor (its
-    gradient flows back), and when it is sent to another rank, a dtype the ranks exchange and
-    at most 8 dimensions. The one rule to relax when other boundaries (tuples) are supported."""
-    if not isinstance(value, torch.Tensor):
-        raise ConfigError(f"stage {stage} outputs a {type(value).__name__}; a stage must output "
-                          "one tensor: return a single tensor from the stage's last layer, or "
-                          "move the stage boundary (bounds=) past it")
-    if not value.is_floating_point():
-        raise ConfigError(f"stage {stage} outputs a {value.dtype} tensor; what a stage hands on "
-                          "must be floating point (its gradient flows back): move the stage "
-                          "boundary (bounds=) or convert the output to float")
-    if crosses and value.dtype not in _DTYPES:
-        raise ConfigError(f"stage {stage} outputs a {value.dtype} tensor, which the ranks cannot "
-                          f"exchange (they send {', '.join(str(d)[6:] for d in _DTYPES)}): "
+    """What stage ``stage`` may hand to the next stage: a tensor, or a tuple/list/dict of
+    tensors and ``None`` (:mod:`minipipe.structure`); sent to another rank, every tensor in a
+    dtype the ranks exchange."""
+    try:
+        leaves = flatten(value)[1]
+    except TypeError as e:
+        raise ConfigError(f"stage {stage} outputs a {type(value).__name__}: {e}; return tensors "
+                          "from the stage's last layer, or move the stage boundary (bounds=)") from e
+    if not any(t is not None for t in leaves):
+        raise ConfigError(f"stage {stage} outputs no tensor: it must hand something on")
+    bad = [t.dtype for t in leaves if t is not None and t.dtype not in SENDABLE]
+    if crosses and bad:
+        raise ConfigError(f"stage {stage} outputs a {bad[0]} tensor, which the ranks cannot "
+                          f"exchange (they send {', '.join(sorted(str(d)[6:] for d in SENDABLE))}): "
                           "convert it, or move the stage boundary (bounds=)")
-    if crosses and value.dim() > MAX_DIMS:
-        raise ConfigError(f"stage {stage} outputs a tensor of {value.dim()} dimensions "
-                          f"{tuple(value.shape)}; at most {MAX_DIMS} can be sent to another rank: "
-                          "reshape it, or move the stage boundary (bounds=)")
 
 
 def check_boundaries(model: nn.Sequential, schedule: Schedule, bounds: list[int],

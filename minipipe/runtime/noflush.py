@@ -232,7 +232,7 @@ class _Versions:
 def _run_stream(w: StageWorker, policy: str, m: int) -> dict[str, Any]:
     """This rank's whole stream: receive, compute with the policy's version, send."""
     s, module = w.rank, w.chunks[0]
-    mbs = [(x.to(w.ctx.device), y.to(w.ctx.device), share) for x, y, share in _micro(w.job.data, m)]
+    mbs = [(x.to(w.ctx.device), y.to(w.ctx.device), share) for x, y, share in _micro(w.job.data.batches(), m)]
     vers = _Versions(module, policy, m, w.job.lr)
     stash: dict[int, tuple] = {}
     losses, events = [], []
@@ -263,7 +263,7 @@ def _run_stream(w: StageWorker, policy: str, m: int) -> dict[str, Any]:
                 gs = torch.autograd.grad(out, wrt, None if s == w.last else got["gradient"],
                                          allow_unused=True)
             gs = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs)]
-            to_send = gs[0] if s > 0 else None
+            to_send = [gs[0]] if s > 0 else None  # gradients travel as a list (one per leaf)
             w.meter.release(0, a.mb)
             vers.after_backward(ver, gs[1:] if s > 0 else gs)
         events.append((a, start, time.perf_counter() - t0))

@@ -16,14 +16,18 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..dataflow import crossing_edges
 from ..errors import ConfigError
-from ..state import param_names, restore_optimizer
+from ..specs import SpecModel, param_bytes
+from ..state import load_stage, param_names, restore_optimizer
+from ..structure import Signature, cast_floating, signature
 from ..validate import comm_plan
 from .autograd import ActivationMeter
-from .comm import P2P, TensorMeta, channel_groups
+from .comm import P2P, channel_groups
 from .job import Job
 from .launch import Context
 
 __all__ = ["StageWorker"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StageWorker:
@@ -34,34 +38,37 @@ class StageWorker:
         p, v = self.sched.p, self.sched.v
         self.replica, self.rank = divmod(ctx.rank, p)
         self.last = self.sched.num_stages - 1
-        layers = list(job.model)
-        names = param_names(layers)
+        self.stages = [self.sched.stage(self.rank, c) for c in range(v)]
+        built, names = self._build()
         self.chunks: dict[int, nn.Module] = {}
         self.chunk_params: dict[int, list[nn.Parameter]] = {}  # for the split backward
         self.params: dict[str, nn.Parameter] = {}
-        for c in range(v):
-            s = self.sched.stage(self.rank, c)
-            part = layers[job.bounds[s]:job.bounds[s + 1]]
+        for c, s in enumerate(self.stages):
+            part = [built[i] for i in range(job.bounds[s], job.bounds[s + 1])]
             self.chunks[c] = nn.Sequential(*part).to(ctx.device)
             self.chunk_params[c] = [q for q in self.chunks[c].parameters() if q.requires_grad]
             for layer in part:
                 for prm in layer.parameters():
                     self.params[names[id(prm)]] = prm
+        self.param_bytes = param_bytes(built.values())
         ckpt = job.checkpoint
         self.ckpt_stages = set(range(self.last + 1)) if ckpt is True else set(ckpt or ())
         self.plan = comm_plan(self.sched)[self.rank]
         self.p2p = P2P(ctx.device, ctx.staged, offset=self.replica * p,
                        channel_groups=self._channel_groups())
-        self.meta: dict[tuple[str, int], TensorMeta] = {}
+        self.meta: dict[tuple[str, int], Signature] = {}  # what each stage edge carries
+        self.batch_signature: Any = None  # the last step's (inputs, targets) structure
         self.meter = ActivationMeter(list(self.params.values()), job.memory)
         self.opt = self._optimizer()
-        if job.opt_state and self.opt:  # resuming: weights came in the model, optimizer state by name
-            restore_optimizer(self.opt, self.params, job.opt_state)
-        self.tie_groups = self._tie_groups(layers, names)
+        opt_state = job.opt_state
+        if job.resume_from is not None:  # specs: this rank reads only its own layers
+            opt_state = load_stage(built, job.resume_from)
+        if opt_state and self.opt:  # resuming: optimizer state by parameter name
+            restore_optimizer(self.opt, self.params, opt_state)
+        self.tie_groups = self._tie_groups()
         self.dp_group = self._dp_group()
-        if job.tie_sync:  # tied copies start identical: broadcast from the lowest holder
-            for name, (group, src) in self.tie_groups.items():
-                dist.broadcast(self.params[name].data, src, group=group)
+        for name, (group, src) in self.tie_groups.items():  # tied copies start identical:
+            dist.broadcast(self.params[name].data, src, group=group)  # the first user's values
 
     # -- set-up -------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer | None:
@@ -77,21 +84,44 @@ class StageWorker:
             return torch.optim.Adam(params, lr=self.job.lr)
         raise ConfigError(f"optimizer must be 'sgd', 'adam' or a callable, not {opt!r}")
 
-    def _tie_groups(self, layers: list[nn.Module], names: dict[int, str]) -> dict[str, tuple]:
-        """One process group per tied parameter held by several ranks (same order everywhere)."""
-        p = self.sched.p
+    def _build(self) -> tuple[dict[int, nn.Module], dict[int, str]]:
+        """This rank's layers by index, and ``id(parameter) -> name`` for them."""
+        mine = [i for s in self.stages for i in range(self.job.bounds[s], self.job.bounds[s + 1])]
+        model = self.job.model
+        if isinstance(model, SpecModel):  # materialise only this rank's layers
+            built = model.build(mine)
+            return built, model.names(built)
+        layers = list(model)  # an nn.Sequential: every rank was sent all of it
+        return {i: layers[i] for i in mine}, param_names(layers)
+
+    def _holders(self) -> dict[str, set[int]]:
+        """Stages holding each tied parameter (names held by a single layer left out)."""
+        model, bounds = self.job.model, self.job.bounds
+        stage_of = {i: s for s in range(self.last + 1) for i in range(bounds[s], bounds[s + 1])}
+        if isinstance(model, SpecModel):
+            return {n: {stage_of[i] for i in users} for n, users in model.tied().items()}
+        layers = list(model)
+        names = param_names(layers)
         holders: dict[str, set[int]] = defaultdict(set)
-        for s in range(self.last + 1):
-            for layer in layers[self.job.bounds[s]:self.job.bounds[s + 1]]:
-                for prm in layer.parameters():
-                    holders[names[id(prm)]].add(self.sched.place(s)[0])
+        for i, layer in enumerate(layers):
+            for prm in layer.parameters():
+                holders[names[id(prm)]].add(stage_of[i])
+        return holders
+
+    def _tie_groups(self) -> dict[str, tuple]:
+        """One process group per tied parameter held by several ranks (same order everywhere);
+        its source is the rank holding the parameter's first stage."""
+        p = self.sched.p
         groups = {}
-        for name in sorted(n for n, h in holders.items() if len(h) > 1):
+        for name, stages in sorted(self._holders().items()):
+            holders = {self.sched.place(s)[0] for s in stages}
+            if len(holders) < 2:
+                continue
+            first = self.sched.place(min(stages))[0]
             for d in range(self.job.dp):  # every process creates every group, in one order
-                ranks = sorted(d * p + r for r in holders[name])
-                group = dist.new_group(ranks)
+                group = dist.new_group(sorted(d * p + r for r in holders))
                 if d == self.replica and name in self.params:
-                    groups[name] = (group, ranks[0])
+                    groups[name] = (group, d * p + first)
         return groups
 
     def _channel_groups(self) -> dict | None:
@@ -128,11 +158,25 @@ class StageWorker:
             if q.grad is not None:
                 q.add_(q.grad, alpha=-self.job.lr)
 
-    def forward(self, chunk: int, stage: int, inp: torch.Tensor) -> torch.Tensor:
+    def autocast(self) -> Any:
+        """The forward's precision: autocast to the job's ``dtype``, or nothing."""
+        dtype = _DTYPES.get(self.job.dtype)
+        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def forward(self, chunk: int, stage: int, inp: Any) -> Any:
         module = self.chunks[chunk]
-        if stage in self.ckpt_stages:  # keep only the stage input; recompute in backward
-            return torch_checkpoint(module, inp, use_reentrant=False)
-        return module(inp)
+        try:
+            if stage in self.ckpt_stages:  # keep only the stage input; recompute in backward
+                out = torch_checkpoint(module, inp, use_reentrant=False)
+            else:
+                out = module(inp)
+        except Exception as e:  # most often: not the structure the previous stage returns
+            raise RuntimeError(f"stage {stage} failed on its input {signature(inp)}: "
+                               f"{type(e).__name__}: {e}") from e
+        dtype = _DTYPES.get(self.job.dtype)
+        if dtype is not None and stage < self.last:
+            out = cast_floating(out, dtype)  # boundary tensors travel in the compute dtype
+        return out
 
     def sync_grads(self) -> None:
         """After the flush: sum tied copies' gradients, then the same stage's across replicas."""
