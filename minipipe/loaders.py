@@ -170,7 +170,8 @@ def as_loader(data: Any, steps: int | None = None) -> Loader:
     if loader.steps is not None and total > loader.steps:
         raise ConfigError(f"steps={total} but only {loader.steps} batches were given")
     if total < 1:
-        raise ConfigError(f"steps must be >= 1, got {total}")
+        raise ConfigError("data holds no batches: give one (inputs, targets) batch or a list"
+                          if steps is None else f"steps must be >= 1, got {total}")
     return _Limited(loader, total)
 
 
