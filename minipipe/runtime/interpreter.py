@@ -101,7 +101,7 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
         for m in step.sends:  # 3. send
             _send(w, m, to_send)
         _hand_over(w, a, s, to_send, local, bool(step.sends))
-        inp = out = grad = to_send = got = None  # what autograd no longer needs is freed now
+        inp = out = grad = to_send = got = y = None  # what autograd no longer needs is freed now
         w.meter.sample(a.label(sched.v > 1))
     w.p2p.flush()
     return _finish_step(w, k, events, losses)
