@@ -24,40 +24,42 @@ Leaf = torch.Tensor | None
 def flatten(value: Any) -> tuple[Any, list[Leaf]]:
     """``(tree, leaves)``: the tree is nested tuples (``"T"`` a tensor, ``"N"`` None)."""
     leaves: list[Leaf] = []
+    return _walk(value, leaves), leaves
 
-    def walk(v: Any) -> Any:
-        if v is None:
-            leaves.append(None)
-            return "N"
-        if isinstance(v, torch.Tensor):
-            leaves.append(v)
-            return "T"
-        if isinstance(v, (tuple, list)):
-            return (type(v).__name__, tuple(walk(x) for x in v))
-        if isinstance(v, dict):
-            if not all(isinstance(k, str) for k in v):
-                raise TypeError("a dict crossing a stage boundary needs string keys")
-            return ("dict", tuple((k, walk(x)) for k, x in v.items()))
-        raise TypeError(f"a stage boundary can carry tensors, None, tuples, lists and dicts "
-                        f"of them, not {type(v).__name__}")
 
-    return walk(value), leaves
+def _walk(v: Any, leaves: list[Leaf]) -> Any:
+    # a module-level function, not a closure: a recursive closure is a reference cycle that
+    # would keep ``leaves`` (this micro-batch's tensors) alive until the garbage collector runs
+    if v is None:
+        leaves.append(None)
+        return "N"
+    if isinstance(v, torch.Tensor):
+        leaves.append(v)
+        return "T"
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_walk(x, leaves) for x in v))
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise TypeError("a dict crossing a stage boundary needs string keys")
+        return ("dict", tuple((k, _walk(x, leaves)) for k, x in v.items()))
+    raise TypeError(f"a stage boundary can carry tensors, None, tuples, lists and dicts "
+                    f"of them, not {type(v).__name__}")
 
 
 def unflatten(tree: Any, leaves: list[Leaf]) -> Any:
     """The inverse of :func:`flatten`."""
-    it = iter(leaves)
+    return _build(tree, iter(leaves))
 
-    def build(t: Any) -> Any:
-        if t in ("T", "N"):
-            return next(it)
-        kind, items = t
-        if kind == "dict":
-            return {k: build(x) for k, x in items}
-        out = [build(x) for x in items]
-        return tuple(out) if kind == "tuple" else out
 
-    return build(tree)
+def _build(t: Any, it: Any) -> Any:
+    # module-level for the same reason as _walk: no reference cycle holding the tensors
+    if t in ("T", "N"):
+        return next(it)
+    kind, items = t
+    if kind == "dict":
+        return {k: _build(x, it) for k, x in items}
+    out = [_build(x, it) for x in items]
+    return tuple(out) if kind == "tuple" else out
 
 
 @dataclass(frozen=True)
