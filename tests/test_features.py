@@ -195,7 +195,8 @@ def test_checkpoint_files_and_merged_state(halfway):
     state = merge_checkpoint(directory)
     assert state["model"].keys() == small_mlp().state_dict().keys()
     assert state["meta"]["step"] == 2 and state["meta"]["bounds"] == [0, 3, 6]
-    assert state["meta"]["schedule"] == {"name": "1f1b", "p": 2, "m": 2, "v": 1}
+    assert state["meta"]["schedule"] == {"name": "1f1b", "p": 2, "m": 2, "v": 1,
+                                         "placement": [[0, 0], [1, 0]]}
     assert state["meta"]["optimizer"] == "SGD"
     assert set(state["optimizer"]) == set(state["model"])  # a momentum buffer per parameter
     assert all(set(s) == {"momentum_buffer"} for s in state["optimizer"].values())
