@@ -1,16 +1,5 @@
-"""Pipeline schedules as plain data: actions, per-rank orders and the generators.
-
-A schedule says, for every rank, the order in which it runs its compute actions:
-forward ``F``, backward ``B`` and (when the backward is split, zero-bubble style) the
-weight-gradient part ``W`` of micro-batch ``i`` on model chunk ``c``. Nothing here imports
-``torch``: the same object feeds the validator, the simulator, the plots and the runtime.
-
-Notation (used everywhere): ``p`` ranks, ``m`` micro-batches, ``v`` chunks per rank. The
-schedule's ``placement`` says which pipeline stage of ``S = p * v`` each chunk of each rank runs:
-by default chunk ``c`` of rank ``r`` is stage ``s = c * p + r`` (Megatron-LM's virtual stages,
-the "loop"); ``"v"`` folds the pipeline back so the last stage sits on rank 0. An action prints
-as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
-"""
+"""Pipeline schedules as plain data (see :mod:`minipipe.schedules.base` for the notation) and
+their generators, one module per family; :func:`make_schedule` builds one by name."""
 
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
-"""Checks for the graded exercises: each passes only for a correct answer and says what is wrong.
-
-Every ``check_<name>(learner_function)`` calls the learner's function on several cases and
-raises :class:`CheckFailed` (an ``AssertionError``) with a message that names the case, says
-what is wrong and where to look, without printing the answer. A stub that still raises
-``NotImplementedError`` fails with "not implemented yet". The checks know the common wrong
-answers (the two bubble definitions swapped, an off-by-one 1F1B warm-up, tied gradients
-averaged instead of summed, a greedy partitioner, ...) and name them when they see one.
-
-Schedules are judged by :func:`minipipe.validate.validate` (its message is shown as is) and,
-where the exercise is about real ranks, by :func:`minipipe.train` against
-:func:`minipipe.reference`. Checks that start processes call the learner's function
-once first, so a stub fails before anything is launched.
-"""
+"""What every exercise check shares: calling the learner's function, reading numbers and
+sequences in any form, validating schedules, and :class:`CheckFailed` (see the package
+docstring for how checks behave)."""
 
 from __future__ import annotations
 
@@ -198,3 +187,9 @@ def _train(*args: Any, **kwargs: Any) -> Any:
         return train(*args, **kwargs)
     except (PipelineTimeout, WorkerError) as err:
         raise CheckFailed(f"the run on real ranks failed: {err}") from None
+
+
+def _how_far(got: int, want: int) -> str:
+    """``"one too many"``, ``"one too few"``, ``"too many"`` or ``"too few"``."""
+    return {1: "one too many", -1: "one too few"}.get(
+        got - want, "too many" if got > want else "too few")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from ...schedules import Action, Kind, Schedule, gpipe, one_f_one_b
 from .common import (
     CheckFailed,
+    _how_far,
     _label,
     _orders,
     _passed,
@@ -75,8 +76,7 @@ def check_one_f_one_b(fn: Callable[[int, int], Schedule]) -> None:
         for r, (order, ref) in enumerate(zip(s.ranks, want.ranks)):
             got_w, want_w = _warmup(order), _warmup(ref)
             if got_w != want_w:
-                diff = {1: "one too many", -1: "one too few"}.get(
-                    got_w - want_w, "too many" if got_w > want_w else "too few")
+                diff = _how_far(got_w, want_w)
                 raise CheckFailed(
                     f"{label}: rank {r} runs {got_w} forward(s) before its first backward (its "
                     f"warm-up forwards, plus the first forward of the steady phase if it has one): "

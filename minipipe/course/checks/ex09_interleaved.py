@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ...schedules import Action, Kind, Schedule, interleaved
-from .common import CheckFailed, _label, _orders, _passed, _schedule, _validated
+from .common import CheckFailed, _how_far, _label, _orders, _passed, _schedule, _validated
 
 # (p, m, v): m a multiple of p, as Megatron-LM requires; m == p included (there a rank may also
 # run every forward first, as Megatron-LM does; both orders are accepted)
@@ -108,8 +108,7 @@ def check_interleaved(fn: Callable[[int, int, int], Schedule]) -> None:
             plain = warm + (warm < total)  # the warm-up, then the steady phase's first forward
             got = _warmup(order)
             if got not in {plain, _warmup(ref.ranks[r])}:
-                diff = {1: "one too many", -1: "one too few"}.get(
-                    got - plain, "too many" if got > plain else "too few")
+                diff = _how_far(got, plain)
                 raise CheckFailed(
                     f"{label}: rank {r} runs {got} forward(s) before its first backward (its "
                     f"warm-up, plus the first forward of the steady phase if it has one): {diff}. "
