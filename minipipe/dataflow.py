@@ -28,7 +28,7 @@ from operator import add, attrgetter, lt
 
 from .schedules import Kind, Schedule
 
-__all__ = ["Invalid", "Plan", "compile_schedule", "play", "crossing_edges"]
+__all__ = ["Invalid", "Plan", "compile_schedule", "play", "check_runs", "crossing_edges"]
 
 Plan = tuple[list[int], list[int], list[float], list[float]]  #: keys, deps, lags, durations
 
@@ -45,13 +45,14 @@ def crossing_edges(schedule: Schedule) -> list[int]:
 
 def compile_schedule(schedule: Schedule,
                      costs: tuple[list[float], list[float], list[float]] | None = None,
-                     comm: float = 0.0) -> list[Plan]:
+                     comm: float = 0.0, timed: bool = True) -> list[Plan]:
     """Per rank: each action's key, its dependency's key, the message lag and the duration.
 
     ``costs`` are ``(t_f, t_b, t_w)``, one number per pipeline stage; a schedule without ``W``
     runs ``B`` for ``t_b + t_w``. ``None``: every action takes one tick (the dry run). Raises
     :class:`Invalid` for a missing, repeated or out-of-range action, or a channel received in
-    another order than it is sent.
+    another order than it is sent. ``timed=False`` leaves the lags and durations empty (all
+    :func:`check_runs` needs).
     """
     p, m, v = schedule.p, schedule.m, schedule.v
     if m < 1 or v < 1:
@@ -93,8 +94,12 @@ def compile_schedule(schedule: Schedule,
         keys = list(map(add, map(base.__getitem__, rows), mbs))
         if len(set(keys)) != len(keys):  # with the count right, also: none is missing
             raise Invalid(f"rank {r} runs an action twice")
-        plans.append((keys, list(map(add, map(dep.__getitem__, rows), mbs)),
-                       list(map(lag.__getitem__, rows)), list(map(dur.__getitem__, rows))))
+        deps = list(map(add, map(dep.__getitem__, rows), mbs))
+        if timed:
+            plans.append((keys, deps, list(map(lag.__getitem__, rows)),
+                          list(map(dur.__getitem__, rows))))
+        else:
+            plans.append((keys, deps, [], []))
     _check_channels(schedule, plans)
     return plans
 
@@ -158,3 +163,36 @@ def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]
     if any(at[r] < len(plans[r][0]) for r in range(p)):
         raise Invalid("deadlock: some rank waits for an action that never runs")
     return starts, [list(map(add, st, plan[3])) for st, plan in zip(starts, plans, strict=True)]
+
+
+def check_runs(plans: list[Plan], m: int) -> None:
+    """:func:`play` without the clock: only whether every rank reaches its end.
+
+    The same loop (each action handled once, a blocked rank parked under the key it needs),
+    minus the start and end times, for :func:`~minipipe.validate.validate`, which needs only
+    the verdict. Raises :class:`Invalid` when ranks are left waiting (deadlock).
+    """
+    p = len(plans)
+    size = 1 + max(max(keys) for keys, *_ in plans)
+    done = bytearray(size)  # 1: the action has run (keys 0..m-1: the input batches)
+    done[:m] = b"\x01" * m
+    at = [0] * p
+    waiter = [-1] * size
+    ready = list(range(p - 1, -1, -1))
+    while ready:
+        r = ready.pop()
+        keys, deps = plans[r][0], plans[r][1]
+        k, n = at[r], len(keys)
+        while k < n:
+            dep = deps[k]
+            if not done[dep]:
+                waiter[dep] = r
+                break
+            key = keys[k]
+            done[key] = 1
+            if waiter[key] >= 0:
+                ready.append(waiter[key])
+            k += 1
+        at[r] = k
+    if any(at[r] < len(plans[r][0]) for r in range(p)):
+        raise Invalid("deadlock: some rank waits for an action that never runs")

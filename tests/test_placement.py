@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from minipipe import (Action, Kind, Schedule, ScheduleError, dry_run, formulas, make_schedule,
                       one_f_one_b, simulate, validate, zb_h1)
-from minipipe.schedules.base import make_placement
+from minipipe.dataflow import Invalid, check_runs, compile_schedule, play
+from minipipe.schedules.base import action, make_placement
 from minipipe.validate import (_check_channels, _check_complete, _check_local_deps,
                                _dry_run_ticks, comm_plan)
 
@@ -293,6 +294,25 @@ def test_fast_simulator_matches_the_plain_one_bit_for_bit(s, data):
     assert {(e.rank, e.action): (e.start, e.end) for e in tl.events} == want
 
 
+@settings(max_examples=300, deadline=None)
+@given(s=random_schedule())
+def test_check_runs_says_what_play_says(s):
+    """validate's clock-free loop finishes exactly when the simulator's event loop does."""
+    try:
+        plans = compile_schedule(s)
+    except Invalid:
+        return
+    verdicts = []
+    for run, args in ((play, (plans, s.m)),
+                      (check_runs, (compile_schedule(s, timed=False), s.m))):
+        try:
+            run(*args)
+            verdicts.append(True)
+        except Invalid:
+            verdicts.append(False)
+    assert verdicts[0] == verdicts[1], str(s)
+
+
 # ---------------------------------------------------------------------------- fast generators
 
 
@@ -336,8 +356,10 @@ def test_zb_h1_heap_order_equals_the_plain_scan():
     assert zb_h1(24, 61) == zb_h1_plain(24, 61)
 
 
-def test_generated_actions_are_shared_and_equal_to_fresh_ones():
-    s = make_schedule("interleaved", 2, 4, 2)
+@pytest.mark.parametrize("name", ["interleaved", "zb-v", "dualpipev"])
+def test_generated_actions_are_shared_and_equal_to_fresh_ones(name):
+    s = make_schedule(name, 2, 4, 2) if name == "interleaved" else make_schedule(name, 2, 4)
     assert s.ranks[0][0] is s.ranks[1][0] and s.ranks[0][0] == Action(Kind.F, 0, 0)
+    assert all(a is action(a.kind, a.mb, a.chunk) for o in s.ranks for a in o)
     assert Schedule([list(o) for o in s.ranks]) == Schedule([str(s).splitlines()[1][8:],
                                                              str(s).splitlines()[2][8:]])

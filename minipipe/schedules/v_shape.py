@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Action, Kind, Schedule, check_sizes
+from .base import Action, Kind, Schedule, action, check_sizes
 
 __all__ = ["OverlapSchedule", "zb_v", "dualpipev"]
 
@@ -70,7 +70,7 @@ def zb_v(p: int, m: int) -> Schedule:
 
         def nxt(kind: Kind, c: int) -> Action:
             count[kind, c] += 1
-            return Action(kind, count[kind, c] - 1, c)
+            return action(kind, count[kind, c] - 1, c)
 
         def fbw(c: int) -> list[Action]:
             return [nxt(Kind.F, c), nxt(Kind.B, c), nxt(Kind.W, c)]
@@ -128,7 +128,7 @@ def _dualpipev_rank(p: int, m: int, r: int) -> tuple[list[Action], list[int]]:
 
     def nxt(kind: Kind, c: int) -> Action:
         count[kind, c] += 1
-        return Action(kind, count[kind, c] - 1, c)
+        return action(kind, count[kind, c] - 1, c)
 
     def forward(c: int) -> None:
         order.append(nxt(Kind.F, c))
@@ -136,7 +136,7 @@ def _dualpipev_rank(p: int, m: int, r: int) -> tuple[list[Action], list[int]]:
     def backward(c: int, split: bool = False) -> None:  # whole (B then W) unless split
         b = nxt(Kind.B, c)
         order.append(b)
-        (deferred if split else order).append(Action(Kind.W, b.mb, c))
+        (deferred if split else order).append(action(Kind.W, b.mb, c))
 
     def pay_w() -> None:
         if deferred:
