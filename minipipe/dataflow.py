@@ -24,6 +24,7 @@ the same rank hand tensors over in memory: no channel.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 from operator import add, attrgetter, lt
 
 from .schedules import Kind, Schedule
@@ -128,39 +129,41 @@ def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]
     """Start and end time of every action, rank by rank: the event loop.
 
     A rank runs its actions in order until one needs a result not computed yet; it then waits
-    (parked under that result's key) and is resumed when the result is computed. Each action
-    is handled once. Raises :class:`Invalid` when ranks are left waiting (deadlock).
+    (parked under that result's key, the action kept aside) and is resumed when the result is
+    computed. Each action is handled once; each rank walks one ``zip`` of its plan's columns.
+    Raises :class:`Invalid` when ranks are left waiting (deadlock).
     """
     p = len(plans)
     size = 1 + max(max(keys) for keys, *_ in plans)
     finish = [0.0] * m + [-1.0] * (size - m)  # end time of every action, -1: not run yet
-    starts = [[0.0] * len(plan[0]) for plan in plans]
+    starts: list[list[float]] = [[] for _ in plans]
     free = [0.0] * p  # when each rank is next idle
-    at = [0] * p  # next action of each rank
+    todo = [zip(*plan) for plan in plans]  # each rank's (key, dep, lag, duration), in order
+    parked: list[tuple | None] = [None] * p  # the action a rank waits to run
+    left = p  # ranks not finished
     waiter = [-1] * size  # key of a missing result -> the one rank that waits for it
     ready = list(range(p - 1, -1, -1))
     while ready:
         r = ready.pop()
-        keys, deps, lags, durs = plans[r]
-        st = starts[r]
-        k, n, t = at[r], len(keys), free[r]
-        while k < n:
-            done = finish[deps[k]]
+        put, t = starts[r].append, free[r]
+        for item in todo[r] if parked[r] is None else chain((parked[r],), todo[r]):
+            key, dep, lag, dur = item
+            done = finish[dep]
             if done < 0:  # blocked: park until the dependency runs
-                waiter[deps[k]] = r
+                waiter[dep], parked[r] = r, item
                 break
-            done += lags[k]
+            done += lag
             if done > t:
                 t = done
-            st[k] = t
-            t += durs[k]
-            key = keys[k]
+            put(t)
+            t += dur
             finish[key] = t
             if waiter[key] >= 0:
                 ready.append(waiter[key])
-            k += 1
-        at[r], free[r] = k, t
-    if any(at[r] < len(plans[r][0]) for r in range(p)):
+        else:
+            left, parked[r] = left - 1, None
+        free[r] = t
+    if left:
         raise Invalid("deadlock: some rank waits for an action that never runs")
     return starts, [list(map(add, st, plan[3])) for st, plan in zip(starts, plans, strict=True)]
 
@@ -176,23 +179,22 @@ def check_runs(plans: list[Plan], m: int) -> None:
     size = 1 + max(max(keys) for keys, *_ in plans)
     done = bytearray(size)  # 1: the action has run (keys 0..m-1: the input batches)
     done[:m] = b"\x01" * m
-    at = [0] * p
+    todo = [zip(keys, deps) for keys, deps, *_ in plans]
+    parked: list[tuple | None] = [None] * p
+    left = p
     waiter = [-1] * size
     ready = list(range(p - 1, -1, -1))
     while ready:
         r = ready.pop()
-        keys, deps = plans[r][0], plans[r][1]
-        k, n = at[r], len(keys)
-        while k < n:
-            dep = deps[k]
+        for item in todo[r] if parked[r] is None else chain((parked[r],), todo[r]):
+            key, dep = item
             if not done[dep]:
-                waiter[dep] = r
+                waiter[dep], parked[r] = r, item
                 break
-            key = keys[k]
             done[key] = 1
             if waiter[key] >= 0:
                 ready.append(waiter[key])
-            k += 1
-        at[r] = k
-    if any(at[r] < len(plans[r][0]) for r in range(p)):
+        else:
+            left, parked[r] = left - 1, None
+    if left:
         raise Invalid("deadlock: some rank waits for an action that never runs")
