@@ -18,6 +18,7 @@ from minipipe import (Action, Kind, Schedule, ScheduleError, dry_run, formulas, 
                       one_f_one_b, simulate, validate, zb_h1)
 from minipipe.dataflow import Invalid, check_runs, compile_schedule, play
 from minipipe.schedules.base import action, make_placement
+from minipipe.schedules.interleaved import interleaved
 from minipipe.validate import (_check_channels, _check_complete, _check_local_deps,
                                _dry_run_ticks, comm_plan)
 
@@ -354,6 +355,31 @@ def test_zb_h1_heap_order_equals_the_plain_scan():
         for m in range(1, 18):
             assert zb_h1(p, m) == zb_h1_plain(p, m), (p, m)
     assert zb_h1(24, 61) == zb_h1_plain(24, 61)
+
+
+def interleaved_plain(p: int, m: int, v: int) -> list[list[Action]]:
+    """Interleaved 1F1B assembled action by action (the generator slices shared lists)."""
+    total, ranks = m * v, []
+
+    def nth(k: int, forward: bool) -> Action:
+        chunk = (k // p) % v
+        return Action(Kind.F if forward else Kind.B, (k // (p * v)) * p + k % p,
+                      chunk if forward else v - 1 - chunk)
+
+    for r in range(p):
+        warmup = total if m == p and v > 1 else min((p - r - 1) * 2 + (v - 1) * p, total)
+        order = [nth(k, True) for k in range(warmup)]
+        for k in range(total - warmup):
+            order += [nth(warmup + k, True), nth(k, False)]
+        ranks.append(order + [nth(k, False) for k in range(total - warmup, total)])
+    return ranks
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 6), groups=st.integers(1, 4), v=st.integers(1, 4))
+def test_interleaved_equals_the_plain_assembly(p, groups, v):
+    got = interleaved(p, p * groups, v)  # make_schedule reads v = 1 as 2
+    assert [list(o) for o in got.ranks] == interleaved_plain(p, p * groups, v)
 
 
 @pytest.mark.parametrize("name", ["interleaved", "zb-v", "dualpipev"])

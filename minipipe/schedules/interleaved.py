@@ -35,12 +35,12 @@ def interleaved(p: int, m: int, v: int = 2) -> Schedule:
         mb = (k // (p * v)) * p + k % p
         return action(Kind.F if forward else Kind.B, mb, chunk if forward else v - 1 - chunk)
 
+    fwd = [nth(k, True) for k in range(total)]  # the k-th forward / backward: same on every rank
+    bwd = [nth(k, False) for k in range(total)]
     ranks = []
     for r in range(p):
         warmup = total if m == p and v > 1 else min((p - r - 1) * 2 + (v - 1) * p, total)
-        order = [nth(k, True) for k in range(warmup)]  # warm-up
-        for k in range(total - warmup):  # steady state
-            order += [nth(warmup + k, True), nth(k, False)]
-        order += [nth(k, False) for k in range(total - warmup, total)]  # cool-down
-        ranks.append(order)
+        steady: list[Action] = [None] * (2 * (total - warmup))  # type: ignore[list-item]
+        steady[0::2], steady[1::2] = fwd[warmup:], bwd[:total - warmup]  # F then B, in turn
+        ranks.append(fwd[:warmup] + steady + bwd[total - warmup:])  # warm-up, steady, cool-down
     return Schedule(ranks, m=m, v=v, name="interleaved")

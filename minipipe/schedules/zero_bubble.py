@@ -30,45 +30,52 @@ def _fill_w(todo: list[list[Action]], must_w: Callable[[int, int], bool]) -> lis
     waiting_w: list[deque[int]] = [deque() for _ in range(p)]  # micro-batches whose W is deferred
     weights = [W(i) for i in range(m)]
 
+    forward, backward = Kind.F, Kind.B  # locals: this loop runs once per action
+
     def candidate(r: int) -> tuple[int, int, bool] | None:  # (start, rank, is W) or None
         t = -1  # when the next F or B can start (-1: its input is not there yet)
-        if todo_q[r]:
-            a = todo_q[r][0]
-            if a.kind is Kind.F:
+        queue = todo_q[r]
+        if queue:
+            a = queue[0]
+            if a.kind is forward:
                 t = 0 if r == 0 else done[r - 1][0][a.mb]
             else:  # the last rank's B follows its own F in every order built here
                 t = 0 if r == p - 1 else done[r + 1][1][a.mb]
         wait = waiting_w[r]
-        if wait and (must_w(r, len(wait)) or not todo_q[r] or t < 0 or t > free[r]):
+        if wait and (not queue or t < 0 or t > free[r] or must_w(r, len(wait))):
             return (free[r], r, True)  # fill the wait with a deferred W
         if t >= 0:
-            return (max(free[r], t), r, False)
+            return (free[r] if free[r] > t else t, r, False)
         return None
+
+    def renew(q: int) -> None:  # rank q's candidate may have changed: push the new one
+        version[q] += 1
+        c = candidate(q)
+        if c is not None:
+            push(heap, (*c, version[q]))
 
     version = [0] * p
     heap = [(*c, 0) for c in map(candidate, range(p)) if c is not None]
     heapq.heapify(heap)
+    push, pop = heapq.heappush, heapq.heappop
     while heap:
-        start, r, do_w, ver = heapq.heappop(heap)
+        start, r, do_w, ver = pop(heap)
         if ver != version[r]:
             continue
         a = weights[waiting_w[r].popleft()] if do_w else todo_q[r].popleft()
         free[r] = start + 1
         ranks[r].append(a)
-        touched = [r]
-        if a.kind is Kind.F:
+        q = -1  # the neighbour whose next action may wait for this one
+        if a.kind is forward:
             done[r][0][a.mb] = start + 1
-            touched.append(r + 1)  # its next action may be this F's successor
-        elif a.kind is Kind.B:
+            q = r + 1
+        elif a.kind is backward:
             done[r][1][a.mb] = start + 1
             waiting_w[r].append(a.mb)
-            touched.append(r - 1)
-        for q in touched:
-            if q == r or (0 <= q < p and todo_q[q] and todo_q[q][0] == a):
-                version[q] += 1
-                c = candidate(q)
-                if c is not None:
-                    heapq.heappush(heap, (*c, version[q]))
+            q = r - 1
+        renew(r)
+        if 0 <= q < p and todo_q[q] and todo_q[q][0] == a:
+            renew(q)
     return ranks
 
 
