@@ -118,6 +118,8 @@ def test_updates_equal_the_rule_and_versions_equal_prediction(make_case, case):
         torch.testing.assert_close(result.params[n], w, atol=ATOL, rtol=RTOL,
                                    msg=lambda s: f"weight {n}: {s}")
     assert result.version_bytes == result.predicted_version_bytes
+    # activations observed (each micro-batch in its own storage, freed after its B)
+    assert result.peak_activation_bytes == result.predicted_activation_bytes
     stage = [r["steps"][0]["stage_param_bytes"] for r in result._reports()]
     expect = [p - r if weights == "stash" else 2 for r in range(p)]
     assert result.version_bytes == [k * b for k, b in zip(expect, stage)]

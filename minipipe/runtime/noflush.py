@@ -232,10 +232,14 @@ class _Versions:
 def _run_stream(w: StageWorker, policy: str, m: int) -> dict[str, Any]:
     """This rank's whole stream: receive, compute with the policy's version, send."""
     s, module = w.rank, w.chunks[0]
-    mbs = [(x.to(w.ctx.device), y.to(w.ctx.device), share) for x, y, share in _micro(w.job.data.batches(), m)]
+    # each micro-batch in storage of its own (a view would keep its whole batch alive)
+    mbs = [(x.to(w.ctx.device, copy=True), y.to(w.ctx.device, copy=True), share)
+           for x, y, share in _micro(w.job.data.batches(), m)]
     vers = _Versions(module, policy, m, w.job.lr)
     stash: dict[int, tuple] = {}
     losses, events = [], []
+    w.meter.start_step()
+    weights = set(w.meter.param_storages)  # the module's parameters: never activations
     w.p2p.step = 0
     torch.distributed.barrier()
     t0 = time.perf_counter()
@@ -245,9 +249,11 @@ def _run_stream(w: StageWorker, policy: str, m: int) -> dict[str, Any]:
         got = {msg.kind: _recv(w, msg) for msg in step.recvs}
         start = time.perf_counter() - t0
         if a.kind is Kind.F:
-            x, y, share = mbs[a.mb]
+            (x, y, share), mbs[a.mb] = mbs[a.mb], None  # the stream no longer holds it
             inp = x if s == 0 else got["activation"].detach().requires_grad_()
             ver = vers.for_forward(a.mb)
+            w.meter.param_storages = weights | {  # nor are the weight versions alive now
+                t.untyped_storage().data_ptr() for v in vers.versions.values() for t in v.values()}
             with w.meter.record(0, a.mb, key=(tuple(inp.shape), inp.dtype)):
                 out = functional_call(module, vers.versions[ver], (inp,))
                 if s == w.last:
@@ -269,9 +275,11 @@ def _run_stream(w: StageWorker, policy: str, m: int) -> dict[str, Any]:
         events.append((a, start, time.perf_counter() - t0))
         for msg in step.sends:
             _send(w, msg, to_send)
+        inp = out = to_send = got = gs = params = wrt = None  # autograd's saved tensors go now
+        w.meter.sample(a.label())
     w.p2p.flush()
     vers.finish(module)
-    return {"events": events, "losses": [float(v) for v in losses],
+    return {"events": events, "losses": [float(v) for v in losses], **w.meter.report(),
             "version_peak_bytes": vers.peak_bytes, "versions_peak": vers.peak_count,
             "stage_param_bytes": sum(q.numel() * q.element_size() for q in module.parameters())}
 
