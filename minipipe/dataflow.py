@@ -1,10 +1,11 @@
-"""A schedule compiled to flat integer lists, and the event loop that plays it.
+"""A schedule compiled to integer arrays, and the event loop that plays it.
 
 This is the fast path behind :func:`~minipipe.validate.validate`, its dry run and
-:func:`~minipipe.simulate.simulate`: linear in the number of actions, written with ``map``
-over columns because it is the hot path at cluster sizes (``p = 64, m = 1024``). It only says
-*whether* a schedule is sound; when it is not, :mod:`minipipe.validate` works out *why*, with
-the plain (slower) checks that name the rank, the action and the reason.
+:func:`~minipipe.simulate.simulate`: linear in the number of actions, numpy for the columns and
+one compiled loop (:func:`_run`, numba: see :mod:`minipipe.jit`) for the events, because it is
+the hot path at cluster sizes (``p = 64, m = 1024``: half a million actions in milliseconds).
+It only says *whether* a schedule is sound; when it is not, :mod:`minipipe.validate` works out
+*why*, with the plain (slower) checks that name the rank, the action and the reason.
 
 Every action has an integer key: ``F(s, i) = (s + 1)·m + i``, ``B(s, i) = (S + 1)·m + s·m + i``,
 ``W(s, i) = (2S + 1)·m + s·m + i`` for stage ``s`` of ``S``; keys ``0..m−1`` are a stage ``−1``
@@ -23,19 +24,30 @@ the same rank hand tensors over in memory: no channel.
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import chain
-from operator import add, attrgetter, lt
+from typing import NamedTuple
 
-from .schedules import Kind, Schedule
+import numpy as np
+
+from .jit import jit
+from .schedules import Schedule
 
 __all__ = ["Invalid", "Plan", "compile_schedule", "play", "check_runs", "crossing_edges"]
-
-Plan = tuple[list[int], list[int], list[float], list[float]]  #: keys, deps, lags, durations
 
 
 class Invalid(Exception):
     """The schedule cannot run; :func:`~minipipe.validate.validate` then says why."""
+
+
+class Plan(NamedTuple):
+    """A compiled schedule: one entry per action, all ranks concatenated in their orders."""
+
+    keys: np.ndarray  #: the action's key
+    deps: np.ndarray  #: the key of the one result it needs
+    lags: np.ndarray  #: message latency added to that result (0 on the same rank)
+    durations: np.ndarray  #: how long it runs
+    bounds: np.ndarray  #: rank ``r``'s actions are ``bounds[r]:bounds[r + 1]``
+    m: int  #: micro-batches (keys ``0..m−1`` are the inputs, ready at time 0)
+    size: int  #: number of keys
 
 
 def crossing_edges(schedule: Schedule) -> list[int]:
@@ -46,155 +58,146 @@ def crossing_edges(schedule: Schedule) -> list[int]:
 
 def compile_schedule(schedule: Schedule,
                      costs: tuple[list[float], list[float], list[float]] | None = None,
-                     comm: float = 0.0, timed: bool = True) -> list[Plan]:
-    """Per rank: each action's key, its dependency's key, the message lag and the duration.
+                     comm: float = 0.0, timed: bool = True) -> Plan:
+    """Every action's key, its dependency's key, the message lag and the duration.
 
     ``costs`` are ``(t_f, t_b, t_w)``, one number per pipeline stage; a schedule without ``W``
     runs ``B`` for ``t_b + t_w``. ``None``: every action takes one tick (the dry run). Raises
     :class:`Invalid` for a missing, repeated or out-of-range action, or a channel received in
-    another order than it is sent. ``timed=False`` leaves the lags and durations empty (all
-    :func:`check_runs` needs).
+    another order than it is sent. ``timed=False``: zero lags, unit durations (a verdict only).
+    What does not depend on the costs is worked out once per schedule (:meth:`Schedule.memo`).
     """
+    keys, deps, kind, stage, far, split = schedule.memo("dataflow", lambda: _structure(schedule))
+    bounds, m, S = schedule.columns()[3], schedule.m, schedule.num_stages
+    size = m + 3 * S * m
+    if not timed:
+        return Plan(keys, deps, np.zeros(len(keys)), np.ones(len(keys)), bounds, m, size)
+    tf, tb, tw = (np.asarray(c, float) for c in costs) if costs else (
+        np.ones(S), np.ones(S), np.full(S, 1.0 if split else 0.0))
+    cost = np.concatenate((tf, tb if split else tb + tw, tw))  # B is the whole backward unsplit
+    return Plan(keys, deps, far * float(comm), cost[kind * S + stage], bounds, m, size)
+
+
+def _structure(schedule: Schedule) -> tuple:
+    """Keys, dependencies, kinds, stages, whether the dependency is on another rank, and
+    whether the backward is split: all :func:`compile_schedule` needs besides the costs."""
     p, m, v = schedule.p, schedule.m, schedule.v
     if m < 1 or v < 1:
         raise Invalid("the schedule has no actions")
-    kinds = [list(map(attrgetter("kind"), order)) for order in schedule.ranks]
-    split = any(Kind.W in ks for ks in kinds)
+    kind, chunk, mb, bounds = schedule.columns()
+    counts = np.diff(bounds)
+    split = bool((kind == 2).any())
+    expected = (3 if split else 2) * m * v
+    wrong = np.flatnonzero(counts != expected)
+    if wrong.size:
+        r = int(wrong[0])
+        raise Invalid(f"rank {r} has {counts[r]} actions, expected {expected}")
+    if (chunk >= v).any() or (mb >= m).any():
+        r = int(np.searchsorted(bounds, np.flatnonzero((chunk >= v) | (mb >= m))[0], "right")) - 1
+        raise Invalid(f"rank {r} runs a micro-batch or chunk outside the schedule")
     S = p * v
-    tf, tb, tw = costs or ([1.0] * S, [1.0] * S, [0.0 if not split else 1.0] * S)
-    n_kinds = 3 if split else 2
-    place = schedule.placement
-    offset = {id(Kind.F): 0, id(Kind.B): v, id(Kind.W): 2 * v}  # row = offset[kind] + chunk
-    plans = []
-    for r, order in enumerate(schedule.ranks):
-        if len(order) != n_kinds * m * v:
-            raise Invalid(f"rank {r} has {len(order)} actions, expected {n_kinds * m * v}")
-        base, dep, lag, dur = [], [], [], []  # one entry per row (kind, chunk)
-        for kind in range(3):
-            for c in range(v):
-                s = schedule.stage(r, c)
-                base.append(m + kind * S * m + s * m)
-                if kind == 0:  # F needs F of the stage before
-                    dep.append(s * m)
-                    far = s > 0 and place[s - 1][0] != r
-                    dur.append(tf[s])
-                elif kind == 1:  # B needs B of the stage after; the last stage, its own F
-                    dep.append(m + S * m + (s + 1) * m if s < S - 1 else m + s * m)
-                    far = s < S - 1 and place[s + 1][0] != r
-                    dur.append(tb[s] if split else tb[s] + tw[s])
-                else:  # W needs its own B, on this rank
-                    dep.append(m + S * m + s * m)
-                    far = False
-                    dur.append(tw[s])
-                lag.append(comm if far else 0.0)
-        chunks = list(map(attrgetter("chunk"), order))
-        mbs = list(map(attrgetter("mb"), order))
-        if max(chunks) >= v or max(mbs) >= m:
-            raise Invalid(f"rank {r} runs a micro-batch or chunk outside the schedule")
-        rows = list(map(add, map(offset.__getitem__, map(id, kinds[r])), chunks))
-        keys = list(map(add, map(base.__getitem__, rows), mbs))
-        if len(set(keys)) != len(keys):  # with the count right, also: none is missing
-            raise Invalid(f"rank {r} runs an action twice")
-        deps = list(map(add, map(dep.__getitem__, rows), mbs))
-        if timed:
-            plans.append((keys, deps, list(map(lag.__getitem__, rows)),
-                          list(map(dur.__getitem__, rows))))
-        else:
-            plans.append((keys, deps, [], []))
-    _check_channels(schedule, plans)
-    return plans
+    rank = np.repeat(np.arange(p), counts)
+    stage = np.array([schedule.stage(r, c) for r in range(p) for c in range(v)])[rank * v + chunk]
+    keys = m + (kind * S + stage) * m + mb
+    size = m + 3 * S * m
+    seen = np.bincount(keys, minlength=size)
+    if (seen > 1).any():  # with the counts right, also: none is missing
+        twice = np.flatnonzero(seen[keys] > 1)[0]
+        raise Invalid(f"rank {int(rank[twice])} runs an action twice")
+    _check_channels(schedule, keys, bounds, rank, size)
+    # F needs F of the stage before (stage 0: the input); B needs B of the stage after, on the
+    # last stage its own F; W needs its own B (same rank)
+    turn = (kind == 1) & (stage == S - 1)
+    dep_kind = np.where((kind == 0) | turn, 0, 1)
+    dep_stage = np.where(kind == 0, stage - 1, np.where((kind == 1) & ~turn, stage + 1, stage))
+    deps = np.where(dep_stage < 0, mb, m + (dep_kind * S + dep_stage) * m + mb)
+    owner = np.array([r for r, _ in schedule.placement])[dep_stage.clip(0)]  # rank of the dep
+    far = (kind < 2) & ~turn & (dep_stage >= 0) & (owner != rank)
+    return keys, deps, kind, stage, far, split
 
 
-def _check_channels(schedule: Schedule, plans: list[Plan]) -> None:
+def _check_channels(schedule: Schedule, keys: np.ndarray, bounds: np.ndarray,
+                    rank: np.ndarray, size: int) -> None:
     """Each channel is consumed in the order it is produced: the micro-batches of ``F`` (or
     ``B``) on the two stages of a boundary come in the same order on their ranks."""
     m, S = schedule.m, schedule.num_stages
-    position = [0] * (m + 3 * S * m)  # of each action (by key) in its rank's order
-    for keys, *_ in plans:
-        deque(map(position.__setitem__, keys, range(len(keys))), maxlen=0)
-
-    def same_order(a: int, b: int) -> bool:  # keys a.., b..: m micro-batches of one stage each
-        pa, pb = position[a:a + m], position[b:b + m]
-        if all(map(lt, pa, pa[1:])) and all(map(lt, pb, pb[1:])):
-            return True  # both in micro-batch order (the usual case, checked in C)
-        return sorted(range(m), key=pa.__getitem__) == sorted(range(m), key=pb.__getitem__)
-
-    for s in crossing_edges(schedule):
-        f, b = m + s * m, m + S * m + s * m  # keys of F(s, 0) and B(s, 0)
-        if not (same_order(f, f + m) and same_order(b + m, b)):
+    edges = np.array(crossing_edges(schedule), dtype=np.int64)
+    if not edges.size:
+        return
+    position = np.zeros(size, np.int64)  # of each action (by key) in its rank's order
+    position[keys] = np.arange(len(keys)) - bounds[rank]
+    f = position[m:m + S * m].reshape(S, m)  # row s: positions of F(s, 0..m−1)
+    b = position[m + S * m:m + 2 * S * m].reshape(S, m)
+    pairs = [(f[edges], f[edges + 1]), (b[edges + 1], b[edges])]  # (sender, receiver)
+    for send, recv in pairs:
+        rising = (np.diff(send, axis=1) > 0).all(1) & (np.diff(recv, axis=1) > 0).all(1)
+        odd = np.flatnonzero(~rising)  # both in micro-batch order is the usual case
+        if odd.size and (np.argsort(send[odd], 1) != np.argsort(recv[odd], 1)).any():
+            s = int(edges[odd[(np.argsort(send[odd], 1) != np.argsort(recv[odd], 1)).any(1)][0]])
             raise Invalid(f"a channel of stage boundary {s} → {s + 1} is received out of order")
 
 
-def play(plans: list[Plan], m: int) -> tuple[list[list[float]], list[list[float]]]:
-    """Start and end time of every action, rank by rank: the event loop.
+# ---------------------------------------------------------------------------- the event loop
 
-    A rank runs its actions in order until one needs a result not computed yet; it then waits
-    (parked under that result's key, the action kept aside) and is resumed when the result is
-    computed. Each action is handled once; each rank walks one ``zip`` of its plan's columns.
-    Raises :class:`Invalid` when ranks are left waiting (deadlock).
+
+@jit
+def _run(keys, deps, lags, durations, bounds, finish, starts, waiter) -> int:
+    """Play the compiled schedule; fill ``starts`` (and ``finish``, by key); return the number
+    of ranks left waiting (0: it ran to the end; more: deadlock).
+
+    A rank runs its actions in order until one needs a result not computed yet (``finish``
+    still ``−1``); it then waits, registered under that result's key in ``waiter``, and is
+    resumed when the result is computed. Each action is handled once. An action starts when
+    both its rank is free and its dependency's result has arrived (``+ lag``).
     """
-    p = len(plans)
-    size = 1 + max(max(keys) for keys, *_ in plans)
-    finish = [0.0] * m + [-1.0] * (size - m)  # end time of every action, -1: not run yet
-    starts: list[list[float]] = [[] for _ in plans]
-    free = [0.0] * p  # when each rank is next idle
-    todo = [zip(*plan) for plan in plans]  # each rank's (key, dep, lag, duration), in order
-    parked: list[tuple | None] = [None] * p  # the action a rank waits to run
-    left = p  # ranks not finished
-    waiter = [-1] * size  # key of a missing result -> the one rank that waits for it
-    ready = list(range(p - 1, -1, -1))
-    while ready:
-        r = ready.pop()
-        put, t = starts[r].append, free[r]
-        for item in todo[r] if parked[r] is None else chain((parked[r],), todo[r]):
-            key, dep, lag, dur = item
-            done = finish[dep]
-            if done < 0:  # blocked: park until the dependency runs
-                waiter[dep], parked[r] = r, item
+    p = len(bounds) - 1
+    nxt = bounds[:p].copy()  # next action of each rank
+    free = np.zeros(p)  # when each rank is next idle
+    ready = np.arange(p - 1, -1, -1)  # a stack of ranks to resume (each at most once)
+    top, left = p, p
+    while top > 0:
+        top -= 1
+        r = ready[top]
+        t, k, end = free[r], nxt[r], bounds[r + 1]
+        while k < end:
+            done = finish[deps[k]]
+            if done < 0:  # blocked: wait for that result
+                waiter[deps[k]] = r
                 break
-            done += lag
+            done += lags[k]
             if done > t:
                 t = done
-            put(t)
-            t += dur
-            finish[key] = t
-            if waiter[key] >= 0:
-                ready.append(waiter[key])
-        else:
-            left, parked[r] = left - 1, None
-        free[r] = t
-    if left:
-        raise Invalid("deadlock: some rank waits for an action that never runs")
-    return starts, [list(map(add, st, plan[3])) for st, plan in zip(starts, plans, strict=True)]
+            starts[k] = t
+            t += durations[k]
+            finish[keys[k]] = t
+            if waiter[keys[k]] >= 0:
+                ready[top] = waiter[keys[k]]
+                top += 1
+            k += 1
+        if k == end:
+            left -= 1
+        nxt[r], free[r] = k, t
+    return left
 
 
-def check_runs(plans: list[Plan], m: int) -> None:
-    """:func:`play` without the clock: only whether every rank reaches its end.
+def play(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end time of every action (in :class:`Plan` order): the event loop.
 
-    The same loop (each action handled once, a blocked rank parked under the key it needs),
-    minus the start and end times, for :func:`~minipipe.validate.validate`, which needs only
-    the verdict. Raises :class:`Invalid` when ranks are left waiting (deadlock).
+    Raises :class:`Invalid` when ranks are left waiting (deadlock).
     """
-    p = len(plans)
-    size = 1 + max(max(keys) for keys, *_ in plans)
-    done = bytearray(size)  # 1: the action has run (keys 0..m-1: the input batches)
-    done[:m] = b"\x01" * m
-    todo = [zip(keys, deps) for keys, deps, *_ in plans]
-    parked: list[tuple | None] = [None] * p
-    left = p
-    waiter = [-1] * size
-    ready = list(range(p - 1, -1, -1))
-    while ready:
-        r = ready.pop()
-        for item in todo[r] if parked[r] is None else chain((parked[r],), todo[r]):
-            key, dep = item
-            if not done[dep]:
-                waiter[dep], parked[r] = r, item
-                break
-            done[key] = 1
-            if waiter[key] >= 0:
-                ready.append(waiter[key])
-        else:
-            left, parked[r] = left - 1, None
-    if left:
+    finish = np.full(plan.size, -1.0)
+    finish[:plan.m] = 0.0
+    starts = np.zeros(len(plan.keys))
+    waiter = np.full(plan.size, -1, np.int64)
+    if _run(plan.keys, plan.deps, plan.lags, plan.durations, plan.bounds, finish, starts,
+                   waiter):
         raise Invalid("deadlock: some rank waits for an action that never runs")
+    return starts, starts + plan.durations
+
+
+def check_runs(plan: Plan) -> None:
+    """Whether every rank reaches its end: :func:`play`, keeping only the verdict.
+
+    Raises :class:`Invalid` when ranks are left waiting (deadlock).
+    """
+    play(plan)

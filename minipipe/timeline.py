@@ -8,13 +8,20 @@ are read the same way. :func:`text_timeline` draws one as text (no matplotlib).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
+
+import numpy as np
 
 from .schedules import Action, Kind, Schedule
 from .validate import messages_per_step
 
 __all__ = ["Event", "Timeline", "text_timeline"]
+
+_KIND = {Kind.F: 0, Kind.B: 1, Kind.W: 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,22 +39,57 @@ class Event:
         return self.end - self.start
 
 
-@dataclass(repr=False)
 class Timeline:
     """Timed events of one optimizer step, simulated or measured, and the figures read off them.
 
-    Every figure is computed from ``events`` and ``schedule`` only, so a timeline the runtime
-    measured (``source="measured"``) is read exactly like a simulated one.
+    Every figure is computed from the events and ``schedule`` only, so a timeline the runtime
+    measured (``source="measured"``) is read exactly like a simulated one. The events are kept
+    as columns (numpy arrays, rank by rank in start order); :attr:`events` builds the
+    :class:`Event` objects on first use, so a simulated step of half a million actions costs
+    no objects until someone looks at them.
 
     Attributes:
         schedule: the schedule that was run.
-        events: one :class:`Event` per action, any order.
+        events: one :class:`Event` per action (built on demand from the columns).
         source: ``"simulated"`` or ``"measured"`` (shown in plots and summaries).
     """
 
-    schedule: Schedule
-    events: list[Event]
-    source: str = "simulated"
+    def __init__(self, schedule: Schedule, events: Sequence[Event] = (),
+                 source: str = "simulated") -> None:
+        self.schedule, self.source = schedule, source
+        events = sorted(events, key=lambda e: (e.rank, e.start, e.end))  # stable: ties kept
+        self._events: list[Event] | None = events
+        self._ranks = np.array([e.rank for e in events], np.int64)
+        self._kinds = np.array([_KIND[e.action.kind] for e in events], np.int64)
+        self._starts = np.array([e.start for e in events], float)
+        self._ends = np.array([e.end for e in events], float)
+
+    @classmethod
+    def from_columns(cls, schedule: Schedule, starts: np.ndarray, ends: np.ndarray,
+                     source: str = "simulated") -> Timeline:
+        """The timeline of ``schedule`` whose actions (in :meth:`Schedule.columns` order: rank
+        by rank, each in its order) start and end at ``starts`` and ``ends``."""
+        timeline = cls.__new__(cls)
+        timeline.schedule, timeline.source, timeline._events = schedule, source, None
+        kinds, _, _, bounds = schedule.columns()
+        timeline._ranks = np.repeat(np.arange(schedule.p), np.diff(bounds))
+        timeline._kinds, timeline._starts, timeline._ends = kinds, starts, ends
+        return timeline
+
+    @property
+    def events(self) -> list[Event]:
+        """One :class:`Event` per action, rank by rank, each rank's in start order."""
+        if self._events is None:
+            self._events = _events(self.schedule, self._starts.tolist(), self._ends.tolist())
+        return self._events
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Timeline):
+            return NotImplemented
+        return (self.schedule, self.source, self.events) == (other.schedule, other.source,
+                                                              other.events)
+
+    __hash__ = None  # type: ignore[assignment]  (mutable-free but compared by value)
 
     # ------------------------------------------------------------------ time and bubbles
 
@@ -59,25 +101,27 @@ class Timeline:
     @property
     def start(self) -> float:
         """Earliest event start (0 for a simulated timeline)."""
-        return min((e.start for e in self.events), default=0.0)
+        return float(self._starts.min()) if self._starts.size else 0.0
 
     @property
     def step_time(self) -> float:
         """Wall time of the step: last end minus first start, over all ranks."""
-        if not self.events:
+        if not self._ends.size:
             return 0.0
-        return max(e.end for e in self.events) - self.start
+        return float(self._ends.max()) - self.start
+
+    def _bounds(self) -> list[int]:
+        return np.searchsorted(self._ranks, np.arange(self.p + 1)).tolist()
 
     def busy_per_rank(self) -> list[float]:
         """Time each rank spends computing (sum of its event durations)."""
-        busy = [0.0] * self.p
-        for e in self.events:
-            busy[e.rank] += e.end - e.start
-        return busy
+        b, durations = self._bounds(), self._ends - self._starts
+        return [float(np.cumsum(durations[b[r]:b[r + 1]])[-1]) if b[r + 1] > b[r] else 0.0
+                for r in range(self.p)]
 
     def busy(self, rank: int) -> float:
         """Time ``rank`` spends computing."""
-        return sum(e.end - e.start for e in self.events if e.rank == rank)
+        return self.busy_per_rank()[rank]
 
     def idle(self, rank: int) -> float:
         """Time ``rank`` waits during the step: ``step_time - busy(rank)``."""
@@ -122,30 +166,16 @@ class Timeline:
 
     def rank_events(self, rank: int) -> list[Event]:
         """``rank``'s events in start order."""
-        return sorted((e for e in self.events if e.rank == rank), key=lambda e: (e.start, e.end))
-
-    def _by_rank(self) -> list[list[Event]]:
-        out: list[list[Event]] = [[] for _ in range(self.p)]
-        for e in self.events:
-            out[e.rank].append(e)
-        for evs in out:
-            evs.sort(key=lambda e: (e.start, e.end))
-        return out
+        b = self._bounds()
+        return self.events[b[rank]:b[rank + 1]]
 
     def _peak(self, release: Kind) -> list[int]:
         """Per rank, the most (chunk, micro-batch) with F run and the ``release`` action not yet."""
-        peaks = []
-        for evs in self._by_rank():
-            held = peak = 0
-            for e in evs:
-                kind = e.action.kind
-                if kind is Kind.F:
-                    held += 1
-                    peak = max(peak, held)
-                elif kind is release:
-                    held -= 1
-            peaks.append(peak)
-        return peaks
+        b = self._bounds()
+        held = np.cumsum((self._kinds == 0).astype(np.int64) - (self._kinds == _KIND[release]))
+        base = np.concatenate(([0], held))
+        return [max(0, int((held[b[r]:b[r + 1]] - base[b[r]]).max())) if b[r + 1] > b[r] else 0
+                for r in range(self.p)]
 
     @property
     def peak_inflight(self) -> list[int]:
@@ -207,7 +237,7 @@ class Timeline:
 
     def __repr__(self) -> str:
         s = self.schedule
-        return (f"Timeline({s.name} p={s.p} m={s.m} v={s.v}, {len(self.events)} events, "
+        return (f"Timeline({s.name} p={s.p} m={s.m} v={s.v}, {len(self._starts)} events, "
                 f"source={self.source!r}, step_time={self.step_time:.4g})")
 
     def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the text timeline
@@ -272,3 +302,17 @@ def text_timeline(timeline: Timeline, width: int = 100) -> str:
             row[a:b] = list(label + fill * (b - a - len(label)))
     digits = len(str(p - 1))
     return "\n".join(f"{r:>{digits}} |{''.join(row)}|" for r, row in enumerate(rows))
+
+
+def _events(schedule: Schedule, starts: list[float], ends: list[float]) -> list[Event]:
+    """``[Event(r, a, s, e) ...]`` for every action of ``schedule`` in its order, fast.
+
+    Fills the slots column by column from C (``map`` over the slot setters, which a frozen
+    dataclass does not intercept) instead of calling ``Event.__init__`` once per action.
+    """
+    actions = [a for order in schedule.ranks for a in order]
+    ranks = [r for r, order in enumerate(schedule.ranks) for _ in order]
+    events = list(map(object.__new__, repeat(Event, len(actions))))
+    for name, values in (("rank", ranks), ("action", actions), ("start", starts), ("end", ends)):
+        deque(map(getattr(Event, name).__set__, events, values), maxlen=0)
+    return events

@@ -251,10 +251,12 @@ def dry_run(schedule: Schedule) -> list[list[tuple[int, Action]]]:
         ScheduleError: the ranks deadlock; names each stuck rank and what it waits for.
     """
     try:
-        starts, _ = play(compile_schedule(schedule), schedule.m)
+        plan = compile_schedule(schedule)
+        starts = play(plan)[0].astype(int).tolist()
     except Invalid:
         return _dry_run_ticks(schedule)  # incomplete or stuck: play it tick by tick
-    return [list(zip(map(int, st), order)) for st, order in zip(starts, schedule.ranks)]
+    b = plan.bounds.tolist()
+    return [list(zip(starts[b[r]:b[r + 1]], order)) for r, order in enumerate(schedule.ranks)]
 
 
 def validate(schedule: Schedule, m: int | None = None, v: int | None = None) -> Schedule:
@@ -283,7 +285,7 @@ def validate(schedule: Schedule, m: int | None = None, v: int | None = None) -> 
     fast_error = None
     if (m, v) == (schedule.m, schedule.v):
         try:
-            check_runs(compile_schedule(schedule, timed=False), m)
+            check_runs(compile_schedule(schedule, timed=False))
             return schedule
         except Invalid as err:
             fast_error = err  # explain it below

@@ -19,12 +19,14 @@ import enum
 import functools
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
+from typing import Any
 
 __all__ = ["Kind", "Action", "action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes",
-           "make_placement"]
+           "make_placement", "numbered"]
 
 
 class Kind(str, enum.Enum):
@@ -33,6 +35,10 @@ class Kind(str, enum.Enum):
     F = "F"  #: forward
     B = "B"  #: backward (input gradient only when the schedule also has W actions)
     W = "W"  #: weight gradient (split backward, zero-bubble schedules)
+
+
+_KIND_INDEX = {Kind.F: 0, Kind.B: 1, Kind.W: 2}
+CHUNK_BITS = 16  #: an action's ``code``: ``mb << 18 | chunk << 2 | kind`` (F 0, B 1, W 2)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,11 @@ class Action:
         object.__setattr__(self, "kind", Kind(self.kind))
         if self.mb < 0 or self.chunk < 0:
             raise ValueError(f"micro-batch and chunk must be >= 0, got {self.mb}, {self.chunk}")
+        if self.chunk >= 1 << CHUNK_BITS:
+            raise ValueError(f"chunk {self.chunk} is too large (at most {(1 << CHUNK_BITS) - 1})")
+        # the action as one integer (see Schedule.columns): read in C when a schedule is compiled
+        object.__setattr__(self, "code", ((self.mb << CHUNK_BITS | self.chunk) << 2)
+                           | _KIND_INDEX[self.kind])
 
     def label(self, show_chunk: bool = False) -> str:
         """``F3``, or ``1F3`` for chunk 1 (the chunk is shown when non-zero or asked for)."""
@@ -63,6 +74,9 @@ class Action:
         """Plain words, for error messages: ``B of micro-batch 3`` (``… chunk 1``)."""
         chunk = f" (chunk {self.chunk})" if self.chunk else ""
         return f"{self.kind.value} of micro-batch {self.mb}{chunk}"
+
+
+_CODE = attrgetter("code")
 
 
 @functools.cache
@@ -193,6 +207,57 @@ class Schedule:
                 return name
         return "custom"
 
+    def memo(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, worked out once per schedule and kept (a schedule never changes).
+
+        The fast checks and the simulator keep what they derive from the orders alone (the
+        integer columns, the compiled dependencies) here, so validating and then simulating a
+        schedule of half a million actions derives them once. Not pickled.
+        """
+        memos = self.__dict__.setdefault("_memo", {})
+        if name not in memos:
+            memos[name] = compute()
+        return memos[name]
+
+    def columns(self) -> tuple:
+        """The actions of every rank as integer columns (computed once, :meth:`memo`).
+
+        Returns ``(kind, chunk, mb, bounds)``: numpy arrays over all ranks' actions, rank 0's
+        order first (kind 0 = F, 1 = B, 2 = W); rank ``r``'s actions are
+        ``bounds[r]:bounds[r + 1]``. This is what the fast checks and the simulator read.
+        """
+        return self.memo("columns", self._columns)
+
+    def _columns(self) -> tuple:
+        import numpy as np  # noqa: PLC0415 (numpy only for the fast path)
+
+        lengths = [len(order) for order in self.ranks]
+        codes = np.fromiter(map(_CODE, chain.from_iterable(self.ranks)), np.int64, sum(lengths))
+        bounds = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        return (codes & 3, (codes >> 2) & ((1 << CHUNK_BITS) - 1), codes >> (CHUNK_BITS + 2),
+                bounds)
+
+    @classmethod
+    def from_columns(cls, kind, chunk, mb, bounds, m: int, v: int, **kwargs) -> Schedule:
+        """The schedule whose :meth:`columns` are these (how the fast generators build one).
+
+        ``kind``, ``chunk``, ``mb``: integer numpy arrays, every rank's actions in order, rank
+        ``r``'s at ``bounds[r]:bounds[r + 1]``; other keyword arguments go to the constructor.
+        """
+        table = [action(k, i, c) for k in Kind for c in range(v) for i in range(m)]
+        index, b = ((kind * v + chunk) * m + mb).tolist(), bounds.tolist()
+        ranks = [list(map(table.__getitem__, index[b[r]:b[r + 1]])) for r in range(len(b) - 1)]
+        schedule = cls.__new__(cls)
+        schedule.memo("columns", lambda: (kind, chunk, mb, bounds))  # known before __init__
+        schedule.__init__(ranks, m=m, v=v, **kwargs)
+        return schedule
+
+    def __getstate__(self) -> dict:  # what is kept in memo is rebuilt on demand, not shipped
+        state = dict(self.__dict__)
+        state.pop("_memo", None)
+        return state
+
     def stage(self, rank: int, chunk: int) -> int:
         """Pipeline stage run by ``chunk`` of ``rank`` (loop placement: ``chunk * p + rank``)."""
         return self._stage_of[rank][chunk]
@@ -255,6 +320,37 @@ def make_placement(placement: str | Sequence[tuple[int, int]], p: int,
 
 
 # ---------------------------------------------------------------------------- generators
+
+
+def numbered(rows: Sequence[Sequence[int]], m: int, v: int, cls: type | None = None,
+             **kwargs) -> Schedule:
+    """A schedule from each rank's order of *kinds* only, micro-batches numbered by appearance.
+
+    ``rows[r]`` lists rank ``r``'s actions as tokens ``kind·v + chunk`` (kind 0 = F, 1 = B,
+    2 = W); the ``k``-th token of a (kind, chunk) on a rank is micro-batch ``k`` (F, B and W of
+    one chunk each run their micro-batches in increasing order in every order built this way).
+    Tokens numbered ``m`` or more are dropped, so a generator may write the pattern for more
+    micro-batches and cut it down. ``cls``: a subclass of :class:`Schedule` to build (other
+    keyword arguments go to its constructor). Numbering
+    is done by numpy: the generators of long schedules write a pattern with list arithmetic
+    (``[F0, B0, W0] * n``) and never make one Python object per action.
+    """
+    import numpy as np  # noqa: PLC0415 (numpy only for the fast path)
+
+    lengths = [len(row) for row in rows]
+    total = sum(lengths)
+    token = np.fromiter(chain.from_iterable(rows), np.int64, total)
+    rank = np.repeat(np.arange(len(rows)), lengths)
+    key = rank * 3 * v + token  # (rank, kind, chunk)
+    order = np.argsort(key, kind="stable")
+    first = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])  # each group's start
+    mb = np.empty(total, np.int64)
+    mb[order] = np.arange(total) - np.repeat(first, np.diff(np.r_[first, total]))
+    keep = mb < m
+    bounds = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(np.bincount(rank[keep], minlength=len(rows)), out=bounds[1:])
+    token = token[keep]
+    return (cls or Schedule).from_columns(token // v, token % v, mb[keep], bounds, m, v, **kwargs)
 
 
 def check_sizes(p: int, m: int) -> None:

@@ -14,12 +14,11 @@ def one_f_one_b(p: int, m: int) -> Schedule:
     ``min(p − r, m)`` instead of ``m``.
     """
     check_sizes(p, m)
+    fwd, bwd = [F(i) for i in range(m)], [B(i) for i in range(m)]  # shared by every rank
     ranks = []
     for r in range(p):
         warmup = min(p - r - 1, m)  # forwards before the first backward
-        order = [F(i) for i in range(warmup)]  # warm-up
-        for i in range(m - warmup):  # steady state: F of the newest, B of the oldest
-            order += [F(warmup + i), B(i)]
-        order += [B(i) for i in range(m - warmup, m)]  # cool-down
-        ranks.append(order)
+        steady = [None] * (2 * (m - warmup))  # steady state: F of the newest, B of the oldest
+        steady[0::2], steady[1::2] = fwd[warmup:], bwd[:m - warmup]
+        ranks.append(fwd[:warmup] + steady + bwd[m - warmup:])  # warm-up, steady, cool-down
     return Schedule(ranks, m=m, v=1, name="1f1b")

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Action, Kind, Schedule, action, check_sizes
+import numpy as np
+
+from .base import Schedule, check_sizes, numbered
 
 __all__ = ["OverlapSchedule", "zb_v", "dualpipev"]
+
+# an action's kind and chunk, as the tokens of :func:`~minipipe.schedules.base.numbered`
+F0, F1, B0, B1, W0, W1 = range(6)
 
 
 @dataclass(frozen=True, init=False)
@@ -33,16 +38,22 @@ class OverlapSchedule(Schedule):
     def __init__(self, ranks, overlapped=None, **kwargs) -> None:
         super().__init__(ranks, **kwargs)
         pairs = tuple(tuple(k) for k in (overlapped or [()] * self.p))
+        if len(pairs) != self.p:
+            raise ValueError(f"overlapped lists {len(pairs)} ranks, the schedule has {self.p}")
+        kind, chunk, mb, bounds = self.columns()
         for r, ks in enumerate(pairs):
-            order = self.ranks[r]
-            for k in ks:
-                ok = (k + 2 < len(order) and order[k].kind is Kind.F
-                      and order[k + 1].kind is Kind.B and order[k + 2].kind is Kind.W
-                      and order[k + 1].mb == order[k + 2].mb
-                      and order[k + 1].chunk == order[k + 2].chunk != order[k].chunk)
-                if not ok:
-                    raise ValueError(f"rank {r}, position {k}: an overlapped pair is an F followed "
-                                     "by the B and W of another chunk")
+            k = np.array(ks, np.int64)
+            if not k.size:
+                continue
+            ok = (k >= 0) & (k + 2 < bounds[r + 1] - bounds[r])
+            if ok.all():
+                at = bounds[r] + k  # F at k, B at k + 1, W at k + 2
+                ok &= ((kind[at] == 0) & (kind[at + 1] == 1) & (kind[at + 2] == 2)
+                       & (mb[at + 1] == mb[at + 2]) & (chunk[at + 1] == chunk[at + 2])
+                       & (chunk[at + 1] != chunk[at]))
+            if not ok.all():
+                raise ValueError(f"rank {r}, position {ks[int(np.argmin(ok))]}: an overlapped "
+                                 "pair is an F followed by the B and W of another chunk")
         object.__setattr__(self, "overlapped", pairs)
 
 
@@ -66,32 +77,13 @@ def zb_v(p: int, m: int) -> Schedule:
     n = max(m, 2 * p - 1)
     ranks = []
     for r in range(p):
-        count = {(kind, c): 0 for kind in Kind for c in (0, 1)}
-
-        def nxt(kind: Kind, c: int) -> Action:
-            count[kind, c] += 1
-            return action(kind, count[kind, c] - 1, c)
-
-        def fbw(c: int) -> list[Action]:
-            return [nxt(Kind.F, c), nxt(Kind.B, c), nxt(Kind.W, c)]
-
-        order = [nxt(Kind.F, 0) for _ in range(2 * (p - r) - 1)]
-        for _ in range(r):
-            order += [nxt(Kind.F, 1), nxt(Kind.F, 0)]
-        for _ in range(p - r):
-            order += fbw(1)
-        while count[Kind.F, 1] < count[Kind.F, 0] or count[Kind.F, 0] < n:
-            if count[Kind.F, 0] < n:
-                order.append(nxt(Kind.F, 0))
-            order += [nxt(Kind.B, 0), nxt(Kind.W, 0)] + fbw(1)
-        for _ in range(r):  # drain: input gradients first, weight gradients fill the gaps
-            order += [nxt(Kind.B, 0), nxt(Kind.B, 1)]
-        for _ in range(p - r):
-            order += [nxt(Kind.B, 0), nxt(Kind.W, 0)]
-        order += [nxt(Kind.W, 1) for _ in range(count[Kind.B, 1] - count[Kind.W, 1])]
-        order += [nxt(Kind.W, 0) for _ in range(count[Kind.B, 0] - count[Kind.W, 0])]
-        ranks.append([a for a in order if a.mb < m])
-    return Schedule(ranks, m=m, v=2, name="zb-v", placement="v")
+        order = [F0] * (2 * (p - r) - 1) + [F1, F0] * r + [F1, B1, W1] * (p - r)
+        order += [F0, B0, W0, F1, B1, W1] * (n - (2 * p - r - 1))  # steady, chunk 0 not done
+        order += [B0, W0, F1, B1, W1] * (p - r - 1)  # steady, chunk 1 catching up
+        order += [B0, B1] * r + [B0, W0] * (p - r)  # drain: input gradients first, then the
+        order += [W1] * (order.count(B1) - order.count(W1))  # weight gradients fill the gaps
+        ranks.append(order + [W0] * (order.count(B0) - order.count(W0)))
+    return numbered(ranks, m, 2, name="zb-v", placement="v")
 
 
 def dualpipev(p: int, m: int) -> OverlapSchedule:
@@ -116,59 +108,36 @@ def dualpipev(p: int, m: int) -> OverlapSchedule:
     if m < 2 * p:
         raise ValueError(f"DualPipeV needs at least as many micro-batches as stages: m={m} < 2p={2 * p}")
     ranks, pairs = zip(*(_dualpipev_rank(p, m, r) for r in range(p)), strict=True)
-    return OverlapSchedule(ranks, overlapped=pairs, m=m, v=2, name="dualpipev", placement="v")
+    return numbered(ranks, m, 2, cls=OverlapSchedule, overlapped=pairs, name="dualpipev",
+                    placement="v")
 
 
-def _dualpipev_rank(p: int, m: int, r: int) -> tuple[list[Action], list[int]]:
-    """Rank ``r``'s DualPipeV order and the positions of its overlapped F&B units."""
-    order: list[Action] = []
-    pairs: list[int] = []
-    count = {(kind, c): 0 for kind in Kind for c in (0, 1)}
-    deferred: list[Action] = []  # W actions owed, oldest first
-
-    def nxt(kind: Kind, c: int) -> Action:
-        count[kind, c] += 1
-        return action(kind, count[kind, c] - 1, c)
-
-    def forward(c: int) -> None:
-        order.append(nxt(Kind.F, c))
-
-    def backward(c: int, split: bool = False) -> None:  # whole (B then W) unless split
-        b = nxt(Kind.B, c)
-        order.append(b)
-        (deferred if split else order).append(action(Kind.W, b.mb, c))
-
-    def pay_w() -> None:
-        if deferred:
-            order.append(deferred.pop(0))
-
-    def f_and_b(f_chunk: int) -> None:  # one overlapped unit: F of f_chunk, backward of the other
-        pairs.append(len(order))
-        forward(f_chunk)
-        backward(1 - f_chunk)
-
-    for _ in range(2 * (p - r - 1)):  # 1: forwards on chunk 0
-        forward(0)
-    for _ in range(r + 1):  # 2: forwards on both chunks
-        forward(0), forward(1)
-    for _ in range(p - r - 1):  # 3: zero-bubble rounds on chunk 1
-        backward(1, split=True), pay_w(), forward(1)
-    for i in range(m - 2 * p + r + 1):  # 4: the main phase, F&B units
-        if i == 0 and r == p - 1:  # the turn of the V: kept apart, which shortens the bubble
-            forward(0), backward(1)
-        else:
-            f_and_b(0)
-        f_and_b(1)
-    for _ in range(p - r - 1):  # 5
-        backward(1), f_and_b(1)
+def _dualpipev_rank(p: int, m: int, r: int) -> tuple[list[int], list[int]]:
+    """Rank ``r``'s DualPipeV order (tokens) and the positions of its overlapped F&B units."""
+    order = [F0] * (2 * (p - r - 1))  # 1: forwards on chunk 0
+    order += [F0, F1] * (r + 1)  # 2: forwards on both chunks
+    order += [B1, W1, F1] * (p - r - 1)  # 3: zero-bubble rounds on chunk 1
+    # 4: the main phase, F&B units: F of one chunk beside the whole backward of the other; on
+    # the last rank the first is kept apart (the turn of the V), which shortens the bubble
+    start, rounds = len(order), m - 2 * p + r + 1
+    order += [F0, B1, W1, F1, B0, W0] * rounds
+    pairs = sorted([start + 6 * i for i in range(rounds) if i or r < p - 1]
+                   + [start + 6 * i + 3 for i in range(rounds)])
+    start = len(order)
+    order += [B1, W1, F1, B0, W0] * (p - r - 1)  # 5: a backward, then an F&B unit
+    pairs += [start + 5 * i + 2 for i in range(p - r - 1)]
+    deferred: list[int] = []  # W owed, oldest first
     split = False
     for i in range(r + 1):  # 6: backwards; from the middle on, W is split off and deferred
         split = split or (i == (r + 1) // 2 and r % 2 == 1)
-        backward(1, split)
+        order.append(B1)
+        (deferred if split else order).append(W1)
         split = split or (i == (r + 1) // 2 and r % 2 == 0)
-        backward(0, split)
-    for _ in range(p - r - 1):  # 7
-        pay_w(), backward(0, split)
-    for _ in range(r + 1):  # 8: the deferred weight gradients
-        pay_w()
-    return order, pairs
+        order.append(B0)
+        (deferred if split else order).append(W0)
+    for _ in range(p - r - 1):  # 7: a deferred W, then a backward on chunk 0
+        if deferred:
+            order.append(deferred.pop(0))
+        order.append(B0)
+        (deferred if split else order).append(W0)
+    return order + deferred, pairs  # 8: the deferred weight gradients

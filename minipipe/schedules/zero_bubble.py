@@ -3,80 +3,94 @@
 from __future__ import annotations
 
 import heapq
-from collections import deque
-from collections.abc import Callable
 
-from .base import Action, B, F, Kind, Schedule, W, check_sizes
+import numpy as np
+
+from ..jit import jit
+from .base import B, F, Schedule, check_sizes
 from .one_f_one_b import one_f_one_b
 
 __all__ = ["zb_h1", "zb_h2"]
 
 
-def _fill_w(todo: list[list[Action]], must_w: Callable[[int, int], bool]) -> list[list[Action]]:
-    """Insert each rank's ``W`` actions into its F/B order, on unit costs (one chunk per rank).
+def _fill_w(fb: Schedule, limit: list[int], name: str) -> Schedule:
+    """Insert each rank's ``W`` actions into the F/B orders of ``fb`` (one chunk per rank).
 
     A deferred ``W`` runs when its rank would otherwise wait for input, when nothing else is
-    left, or when ``must_w(rank, deferred)`` says so. The order is found by playing that rule
-    with ``t_f = t_b = t_w = 1``: every rank's next candidate sits in a heap, the earliest
-    start (then the lowest rank) runs next. A candidate changes only when its rank acts, or
-    when a neighbour finishes the action its next F or B waits for: only those are recomputed
-    (stale entries are skipped), so this is near-linear in the number of actions.
+    left, or when rank ``r`` has more than ``limit[r]`` deferred. The order is found by playing
+    that rule with ``t_f = t_b = t_w = 1`` (:func:`_fill_w_loop`).
     """
-    p, m = len(todo), 1 + max(a.mb for order in todo for a in order)
-    todo_q = [deque(order) for order in todo]
-    ranks: list[list[Action]] = [[] for _ in range(p)]
-    free = [0] * p  # when each rank is next idle
-    done = [([-1] * m, [-1] * m) for _ in range(p)]  # per rank: end time of F, of B, per mb
-    waiting_w: list[deque[int]] = [deque() for _ in range(p)]  # micro-batches whose W is deferred
-    weights = [W(i) for i in range(m)]
+    p, m = fb.p, fb.m
+    kinds, _, mbs, bounds = fb.columns()
+    out = np.zeros((p, 3 * m), np.int64)  # per rank: kind * m + micro-batch of each action
+    _fill_w_loop(kinds, mbs, bounds, m, np.array(limit, np.int64), out)
+    return Schedule.from_columns(out.ravel() // m, np.zeros(3 * p * m, np.int64), out.ravel() % m,
+                                 np.arange(p + 1) * 3 * m, m, 1, name=name)
 
-    forward, backward = Kind.F, Kind.B  # locals: this loop runs once per action
 
-    def candidate(r: int) -> tuple[int, int, bool] | None:  # (start, rank, is W) or None
-        t = -1  # when the next F or B can start (-1: its input is not there yet)
-        queue = todo_q[r]
-        if queue:
-            a = queue[0]
-            if a.kind is forward:
-                t = 0 if r == 0 else done[r - 1][0][a.mb]
-            else:  # the last rank's B follows its own F in every order built here
-                t = 0 if r == p - 1 else done[r + 1][1][a.mb]
-        wait = waiting_w[r]
-        if wait and (not queue or t < 0 or t > free[r] or must_w(r, len(wait))):
-            return (free[r], r, True)  # fill the wait with a deferred W
-        if t >= 0:
-            return (free[r] if free[r] > t else t, r, False)
-        return None
+@jit
+def _fill_w_loop(kinds, mbs, bounds, m, limit, out) -> None:
+    """The W-filling rule played on unit costs: fills ``out[r]`` with rank ``r``'s order.
 
-    def renew(q: int) -> None:  # rank q's candidate may have changed: push the new one
-        version[q] += 1
-        c = candidate(q)
-        if c is not None:
-            push(heap, (*c, version[q]))
-
-    version = [0] * p
-    heap = [(*c, 0) for c in map(candidate, range(p)) if c is not None]
-    heapq.heapify(heap)
-    push, pop = heapq.heappush, heapq.heappop
-    while heap:
-        start, r, do_w, ver = pop(heap)
+    Every rank's next candidate (its next F or B, or a deferred W) sits in a heap as
+    ``(start, rank, is W, version)``; the earliest start (then the lowest rank) runs next.
+    A candidate changes only when its rank acts, or when a neighbour finishes the action its
+    next F or B waits for: only those are renewed (an entry whose version is old is skipped),
+    so this is near-linear in the number of actions. Written for numba (:mod:`minipipe.jit`).
+    """
+    p = len(bounds) - 1
+    head = bounds[:p].copy()  # next F or B of each rank
+    free = np.zeros(p, np.int64)  # when each rank is next idle
+    f_end = np.full((p, m), -1, np.int64)  # when F / B of each micro-batch ended, per rank
+    b_end = np.full((p, m), -1, np.int64)
+    deferred = np.zeros((p, m), np.int64)  # micro-batches whose W waits, oldest first
+    w_head, w_tail, n_out = np.zeros(p, np.int64), np.zeros(p, np.int64), np.zeros(p, np.int64)
+    version = np.zeros(p, np.int64)
+    renew, n_renew = np.arange(p), p  # ranks whose candidate may have changed
+    heap = [(np.int64(0), np.int64(0), np.int64(0), np.int64(0))]  # typed for numba
+    heap.pop()
+    while True:
+        for j in range(n_renew):
+            x = renew[j]
+            version[x] += 1
+            t = -1  # when its next F or B can start (-1: its input is not there yet)
+            if head[x] < bounds[x + 1]:
+                i = mbs[head[x]]
+                if kinds[head[x]] == 0:
+                    t = 0 if x == 0 else f_end[x - 1, i]
+                else:  # the last rank's B follows its own F in every order built here
+                    t = 0 if x == p - 1 else b_end[x + 1, i]
+            waiting = w_tail[x] - w_head[x]
+            if waiting and (head[x] == bounds[x + 1] or t < 0 or t > free[x]
+                            or waiting > limit[x]):
+                heapq.heappush(heap, (free[x], x, np.int64(1), version[x]))  # fill with a W
+            elif t >= 0:
+                heapq.heappush(heap, (max(free[x], t), x, np.int64(0), version[x]))
+        if not heap:
+            break
+        start, r, do_w, ver = heapq.heappop(heap)
         if ver != version[r]:
+            n_renew = 0
             continue
-        a = weights[waiting_w[r].popleft()] if do_w else todo_q[r].popleft()
+        if do_w:
+            kind, i = 2, deferred[r, w_head[r]]
+            w_head[r] += 1
+        else:
+            kind, i = kinds[head[r]], mbs[head[r]]
+            head[r] += 1
         free[r] = start + 1
-        ranks[r].append(a)
+        out[r, n_out[r]] = kind * m + i
+        n_out[r] += 1
+        renew[0], n_renew = r, 1
         q = -1  # the neighbour whose next action may wait for this one
-        if a.kind is forward:
-            done[r][0][a.mb] = start + 1
-            q = r + 1
-        elif a.kind is backward:
-            done[r][1][a.mb] = start + 1
-            waiting_w[r].append(a.mb)
-            q = r - 1
-        renew(r)
-        if 0 <= q < p and todo_q[q] and todo_q[q][0] == a:
-            renew(q)
-    return ranks
+        if kind == 0:
+            f_end[r, i], q = start + 1, r + 1
+        elif kind == 1:
+            b_end[r, i], q = start + 1, r - 1
+            deferred[r, w_tail[r]] = i
+            w_tail[r] += 1
+        if 0 <= q < p and head[q] < bounds[q + 1] and kinds[head[q]] == kind and mbs[head[q]] == i:
+            renew[1], n_renew = q, 2
 
 
 def zb_h1(p: int, m: int) -> Schedule:
@@ -90,8 +104,7 @@ def zb_h1(p: int, m: int) -> Schedule:
     1F1B; counting those that still wait for ``W``, ``min(p, m)`` on every rank: 1F1B's peak.
     """
     check_sizes(p, m)
-    ranks = _fill_w([list(o) for o in one_f_one_b(p, m).ranks], lambda r, n: n > r)
-    return Schedule(ranks, m=m, v=1, name="zb-h1")
+    return _fill_w(one_f_one_b(p, m), list(range(p)), "zb-h1")
 
 
 def zb_h2(p: int, m: int) -> Schedule:
@@ -111,12 +124,11 @@ def zb_h2(p: int, m: int) -> Schedule:
     ``min(2p − 1, m)`` awaiting ``W`` on every rank: about twice 1F1B's ``p``.
     """
     check_sizes(p, m)
+    fwd, bwd = [F(i) for i in range(m)], [B(i) for i in range(m)]  # shared by every rank
     todo = []
     for r in range(p):
         warmup = min(2 * (p - r) - 1, m)
-        order = [F(i) for i in range(warmup)]
-        for i in range(m - warmup):  # steady state: B of the oldest, then F of the newest
-            order += [B(i), F(warmup + i)]
-        todo.append(order + [B(i) for i in range(m - warmup, m)])
-    ranks = _fill_w(todo, lambda r, n: n > 2 * r)
-    return Schedule(ranks, m=m, v=1, name="zb-h2")
+        steady = [None] * (2 * (m - warmup))  # steady state: B of the oldest, then F of the newest
+        steady[0::2], steady[1::2] = bwd[:m - warmup], fwd[warmup:]
+        todo.append(fwd[:warmup] + steady + bwd[m - warmup:])
+    return _fill_w(Schedule(todo, m=m, v=1), [2 * r for r in range(p)], "zb-h2")
