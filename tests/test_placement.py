@@ -30,6 +30,7 @@ from minipipe import (
     zb_h1,
 )
 from minipipe.dataflow import Invalid, compile_schedule
+from minipipe.schedules import zb_h2
 from minipipe.schedules.base import action, make_placement
 from minipipe.schedules.interleaved import interleaved
 from minipipe.validate import (
@@ -410,3 +411,93 @@ def test_generated_actions_are_shared_and_equal_to_fresh_ones(name):
     assert all(a is action(a.kind, a.mb, a.chunk) for o in s.ranks for a in o)
     assert Schedule([list(o) for o in s.ranks]) == Schedule([str(s).splitlines()[1][8:],
                                                              str(s).splitlines()[2][8:]])
+
+
+def zb_h2_plain(p: int, m: int) -> list[list[Action]]:
+    """ZB-H2 assembled action by action: its F/B order, then the W rule scanned plainly."""
+    todo = []
+    for r in range(p):
+        warmup = min(2 * (p - r) - 1, m)
+        order = [Action(Kind.F, i) for i in range(warmup)]
+        for i in range(m - warmup):
+            order += [Action(Kind.B, i), Action(Kind.F, warmup + i)]
+        todo.append(order + [Action(Kind.B, i) for i in range(m - warmup, m)])
+    ranks: list[list[Action]] = [[] for _ in range(p)]
+    free, finish, waiting_w = [0] * p, {}, [[] for _ in range(p)]
+    while any(todo) or any(waiting_w):
+        best = None
+        for r in range(p):
+            a = todo[r][0] if todo[r] else None
+            t = None if a is None else (
+                (0 if r == 0 else finish.get((r - 1, a))) if a.kind is Kind.F
+                else (0 if r == p - 1 else finish.get((r + 1, a))))
+            if waiting_w[r] and (len(waiting_w[r]) > 2 * r or a is None or t is None
+                                 or t > free[r]):
+                cand = (free[r], r, True)
+            elif a is not None and t is not None:
+                cand = (max(free[r], t), r, False)
+            else:
+                continue
+            best = cand if best is None or cand < best else best
+        start, r, do_w = best
+        a = Action(Kind.W, waiting_w[r].pop(0)) if do_w else todo[r].pop(0)
+        if a.kind is Kind.B:
+            waiting_w[r].append(a.mb)
+        free[r] = finish[(r, a)] = start + 1
+        ranks[r].append(a)
+    return ranks
+
+
+def test_zb_h2_compiled_order_equals_the_plain_scan():
+    for p in range(1, 8):
+        for m in range(1, 16):
+            assert [list(o) for o in zb_h2(p, m).ranks] == zb_h2_plain(p, m), (p, m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.integers(1, 7), m=st.integers(1, 12), data=st.data())
+def test_w_filling_loop_compiled_equals_its_python_source(p, m, data):
+    from minipipe.schedules.zero_bubble import _fill_w_loop
+
+    kinds, _, mbs, bounds = one_f_one_b(p, m).columns()
+    limit = np.array(data.draw(st.lists(st.integers(0, 2 * p), min_size=p, max_size=p)))
+    outs = []
+    for run in (_fill_w_loop.compiled, _fill_w_loop.py_func):
+        out = np.zeros((p, 3 * m), np.int64)
+        run(kinds, mbs, bounds, m, limit, out)
+        outs.append(out.tolist())
+    assert outs[0] == outs[1]
+    assert _fill_w_loop.compiled is not _fill_w_loop.py_func, "numba is not in use"
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 5), max_size=30), min_size=1, max_size=4),
+       m=st.integers(1, 12))
+def test_numbered_counts_each_kind_and_chunk_in_order(rows, m):
+    """``numbered``: the k-th token of a (kind, chunk) on a rank is micro-batch k; k >= m cut."""
+    from minipipe.schedules.base import numbered
+
+    want = []
+    for row in rows:
+        seen: dict[int, int] = {}
+        order = []
+        for token in row:
+            k = seen[token] = seen.get(token, -1) + 1
+            if k < m:
+                order.append(Action(Kind("FBW"[token // 2]), k, token % 2))
+        want.append(order)
+    got = numbered(rows, m, 2)
+    assert [list(o) for o in got.ranks] == want
+    assert [list(c) for c in got.columns()] == [list(c) for c in Schedule(want, m=m, v=2).columns()]
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1", "dualpipev"])
+def test_timeline_from_events_reads_like_the_simulated_columns(name):
+    """A timeline built from Event objects (as the runtime measures) gives every figure the
+    simulator's column store gives, bit for bit."""
+    from minipipe.timeline import Timeline
+
+    tl = simulate(make_schedule(name, 3, 6), 1.0, 1.7, 0.6 if name != "1f1b" else 0.0, comm=0.2)
+    again = Timeline(tl.schedule, list(reversed(tl.events)), source="simulated")
+    assert again == tl and again.summary() == tl.summary()
+    assert [again.rank_events(r) for r in range(3)] == [tl.rank_events(r) for r in range(3)]
