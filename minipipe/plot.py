@@ -27,6 +27,7 @@ _STYLE = {  # per kind: colour change (< 1 darker, > 1 mixed with white), hatch,
     Kind.W: (1.5, "...", "black"),
 }
 _NAMES = {Kind.F: "F forward", Kind.B: "B backward", Kind.W: "W weight grad"}
+_RASTER = {Kind.F: "#4c72b0", Kind.B: "#dd8452", Kind.W: "#55a868"}  # large timelines: by kind
 
 
 def _colour(mb: int, shade: float) -> tuple[float, float, float]:
@@ -64,15 +65,21 @@ def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None 
         labels: write the action labels inside bars wide enough for them.
         legend: add a legend for F / B / W and idle.
 
+    A timeline of more than :data:`RASTER_ABOVE` events (cluster sizes) is drawn as an image
+    instead, one pixel column per slice of time coloured by kind (no labels, no hatching):
+    instant at ``p = 64, m = 1024``.
+
     Returns:
-        The axes. Bars are in ``ax.collections`` whose label is ``F``, ``B`` or ``W``.
+        The axes. Bars are in ``ax.collections`` whose label is ``F``, ``B`` or ``W`` (an
+        image in ``ax.images`` for a large timeline).
     """
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Patch
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * timeline.p), layout="constrained")
+        rows = min(timeline.p, 16)  # beyond 16 ranks the rows get thinner
+        _, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * rows), layout="constrained")
     p, t0, step = timeline.p, timeline.start, timeline.step_time
     height = 0.8
 
@@ -80,21 +87,24 @@ def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None 
         top, bottom = y - height / 2, y + height / 2
         return [(x0, top), (x1, top), (x1, bottom), (x0, bottom)]
 
-    ax.add_collection(PolyCollection([box(r, 0, step) for r in range(p)], facecolors=_IDLE_COLOR,
-                                     edgecolors="none", zorder=0, label="idle"))
-    bars: dict[Kind, tuple[list, list]] = {kind: ([], []) for kind in Kind}
-    for e in timeline.events:
-        verts, colours = bars[e.action.kind]
-        verts.append(box(e.rank, e.start - t0, e.end - t0))
-        colours.append(_colour(e.action.mb, _STYLE[e.action.kind][0]))
+    raster = len(timeline._starts) > RASTER_ABOVE
+    if raster:  # too many bars to draw one by one: an image, one pixel column per time slice
+        labels = False
+        bars = _raster(timeline, ax)
+    else:
+        ax.add_collection(PolyCollection([box(r, 0, step) for r in range(p)],
+                                         facecolors=_IDLE_COLOR, edgecolors="none", zorder=0,
+                                         label="idle"))
+        bars = _bars(timeline, box)
     for kind, (verts, colours) in bars.items():
-        if verts:
+        if verts and not raster:
             ax.add_collection(PolyCollection(verts, facecolors=colours, edgecolors="white",
                                              linewidths=0.5, hatch=_STYLE[kind][1] or None,
                                              zorder=2, label=kind.value))
     ax.set_xlim(0, step if step > 0 else 1)
     ax.set_ylim(p - 0.5, -0.5)  # rank 0 on top
-    ax.set_yticks(range(p), _rank_labels(timeline.schedule))
+    ticks = range(0, p, max(1, p // 16))  # at most ~16 rank labels
+    ax.set_yticks(ticks, [_rank_labels(timeline.schedule)[r] for r in ticks])
     ax.set_xlabel("time")
     ax.set_title(title if title is not None else timeline.title(), fontsize=9, loc="left")
 
@@ -110,12 +120,56 @@ def plot_timeline(timeline: Timeline, ax: Axes | None = None, title: str | None 
                         fontsize=fontsize, color=_STYLE[e.action.kind][2], zorder=3, clip_on=True)
     if legend:
         kinds = [k for k in Kind if bars[k][0]]
-        handles = [Patch(facecolor=_colour(0, _STYLE[k][0]), hatch=_STYLE[k][1],
-                         edgecolor="white", label=_NAMES[k]) for k in kinds]
+        handles = [Patch(facecolor=_RASTER[k] if raster else _colour(0, _STYLE[k][0]),
+                         hatch=None if raster else
+                         _STYLE[k][1], edgecolor="white", label=_NAMES[k]) for k in kinds]
         handles.append(Patch(facecolor=_IDLE_COLOR, label="idle"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=7,
-                  frameon=False, title="colour: micro-batch", title_fontsize=7)
+                  frameon=False, title="colour: kind" if raster else "colour: micro-batch",
+                  title_fontsize=7)
     return ax
+
+
+RASTER_ABOVE = 4000  #: timelines with more events are drawn as an image (one colour per kind)
+
+
+def _bars(timeline: Timeline, box) -> dict[Kind, tuple[list, list]]:
+    """Per kind: each event's box and colour (by micro-batch)."""
+    t0 = timeline.start
+    bars: dict[Kind, tuple[list, list]] = {kind: ([], []) for kind in Kind}
+    for e in timeline.events:
+        verts, colours = bars[e.action.kind]
+        verts.append(box(e.rank, e.start - t0, e.end - t0))
+        colours.append(_colour(e.action.mb, _STYLE[e.action.kind][0]))
+    return bars
+
+
+def _raster(timeline: Timeline, ax: Axes, width: int = 1200) -> dict[Kind, tuple[list, list]]:
+    """Draw a large timeline as a ``p × width`` image: each pixel column is ``step / width``
+    of time, coloured by the kind of action that covers most of it (idle: grey). Built with
+    numpy from the timeline's columns, in milliseconds for half a million events."""
+    import numpy as np
+
+    p, t0, step = timeline.p, timeline.start, timeline.step_time or 1.0
+    scale = width / step
+    a = np.clip(((timeline._starts - t0) * scale).astype(np.int64), 0, width - 1)
+    b = np.clip(np.ceil((timeline._ends - t0) * scale).astype(np.int64), a + 1, width)
+    cover = np.zeros((3, p, width + 1))  # per kind: how many events cover each pixel column
+    for k in range(3):
+        sel = timeline._kinds == k
+        np.add.at(cover[k], (timeline._ranks[sel], a[sel]), 1)
+        np.add.at(cover[k], (timeline._ranks[sel], b[sel]), -1)
+    cover = np.cumsum(cover, axis=2)[:, :, :width]
+    palette = np.array([_hex(_RASTER[k]) for k in Kind] + [_hex(_IDLE_COLOR)])
+    busiest = np.where(cover.max(0) > 0, cover.argmax(0), 3)
+    ax.imshow(palette[busiest], aspect="auto", interpolation="nearest", zorder=1,
+              extent=(0, step, p - 0.5, -0.5))
+    return {kind: ([None] if (timeline._kinds == k).any() else [], [])
+            for k, kind in enumerate(Kind)}
+
+
+def _hex(colour: str) -> tuple[float, float, float]:
+    return tuple(int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
 
 
 def compare_timelines(a: Timeline, b: Timeline, titles: tuple[str, str] | None = None,

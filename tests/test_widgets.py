@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 import ipywidgets as widgets  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from minipipe import formulas  # noqa: E402
@@ -231,3 +232,35 @@ def test_in_a_kernel_the_chart_shows_and_an_invalid_setting_clears_it():
     assert len(shown) == 1 and "image/png" in shown[0]["data"]
     invalid = "ex.update(schedule='interleaved', m=6);"
     assert chart_outputs(start + [invalid]) == []  # no stale chart beside the error text
+
+
+def test_explorers_take_cluster_sizes():
+    """p = 64, m = 1024 (half a million actions for interleaved v = 4): the schedule explorer
+    shows the simulated step next to its closed form, the chart is drawn as an image."""
+    from minipipe import formulas
+
+    ex = schedule_explorer()
+    figures = ex.update(schedule="interleaved", p=64, m=1024, v=4, t_b=2.0)
+    assert figures["step time"] == pytest.approx(formulas.step_time("interleaved", 64, 1024, 1, 2,
+                                                                    v=4))
+    assert memory_explorer().update(schedule="zb-v", p=64, m=1024)["peak micro-batches held"][0] \
+        == formulas.peak_pending_w("zb-v", 64, 1024)[0] / 2
+
+
+def test_large_timeline_is_drawn_as_an_image_of_the_right_kinds():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minipipe import make_schedule, plot_timeline, simulate
+    from minipipe.plot import _RASTER, RASTER_ABOVE
+
+    tl = simulate(make_schedule("zb-h1", 16, 128), 1, 1, 1)
+    assert len(tl.events) > RASTER_ABOVE
+    ax = plot_timeline(tl)
+    image = ax.images[0].get_array()
+    assert image.shape[:2] == (16, 1200)
+    colours = {tuple(np.round(px, 3)) for px in image.reshape(-1, 3)}
+    want = {tuple(np.round(matplotlib.colors.to_rgb(c), 3)) for c in _RASTER.values()}
+    assert want <= colours  # F, B and W all visible
+    # rank 15 starts its first forward after 15 forwards upstream: idle on its left edge
+    assert tuple(np.round(image[15, 0], 3)) not in want

@@ -276,12 +276,12 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
     controls = {
         "schedule": widgets.Dropdown(options=list(SCHEDULES), value=schedule,
                                      description="schedule", style=_STYLE),
-        "p": _int("p (ranks)", p, 1, 8),
-        "m": _int("m (micro-batches)", m, 1, 32),
+        "p": _int("p (ranks)", p, 1, 64),
+        "m": _int("m (micro-batches)", m, 1, 1024),
         "v": _int("v (chunks/rank)", v, 2, 4),
         "t_b": _float("t_b / t_f", t_b, 0.5, 4.0, 0.25),
         "t_w": _float("t_w / t_f (W; backward = t_b + t_w)", t_w, 0.0, 2.0, 0.25),
-        "slow_stage": _int("slow stage", slow_stage, 0, 31),
+        "slow_stage": _int("slow stage", slow_stage, 0, 255),
         "slow_factor": _float("slow ×", slow_factor, 1.0, 4.0, 0.25),
     }
 
@@ -328,7 +328,7 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
         return figures
 
     return Explorer(controls, draw, title="simulated (times in units of t_f)",
-                    figsize=(9.0, 1.3 + 0.42 * p), adjust=adjust, visible=visible)
+                    figsize=(9.0, 1.3 + 0.42 * min(p, 16)), adjust=adjust, visible=visible)
 
 
 # ------------------------------------------------------------------------- memory explorer
@@ -354,8 +354,8 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
         "schedule": widgets.Dropdown(options=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2",
                                               "zb-v", "dualpipev"], value=schedule,
                                      description="schedule", style=_STYLE),
-        "p": _int("p (ranks)", p, 1, 8),
-        "m": _int("m (micro-batches)", m, 1, 32),
+        "p": _int("p (ranks)", p, 1, 64),
+        "m": _int("m (micro-batches)", m, 1, 1024),
         "v": _int("v (chunks/rank)", v, 2, 4),
         "bytes_per_mb": widgets.BoundedIntText(value=bytes_per_mb, min=0, max=10**15,
                                                description="bytes / micro-batch (0: none)",
@@ -378,7 +378,8 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
         ax = fig.add_subplot()
         ax.bar(range(p), units, color="#4c72b0", width=0.6, label=f"{name}: peak held")
         ax.axhline(m, color="#c44e52", ls="--", lw=1, label=f"GPipe: m = {m}")
-        ax.set_xticks(range(p), [f"rank {r}" for r in range(p)])
+        ticks = range(0, p, max(1, p // 16))
+        ax.set_xticks(ticks, [f"rank {r}" for r in ticks])
         ax.set_ylabel("micro-batches held")
         ax.set_ylim(0, max(max(units), m) * 1.4)  # room for the legend above the bars
         ax.set_title(f"{name} p={p} m={m}" + (f" v={v}" if v > 1 else "")
