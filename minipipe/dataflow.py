@@ -10,10 +10,12 @@ It only says *whether* a schedule is sound; when it is not, :mod:`minipipe.valid
 Every action has an integer key: ``F(s, i) = (s + 1)·m + i``, ``B(s, i) = (S + 1)·m + s·m + i``,
 ``W(s, i) = (2S + 1)·m + s·m + i`` for stage ``s`` of ``S``; keys ``0..m−1`` are a stage ``−1``
 whose forwards (the input batches) are done at time 0. Each action has exactly one dependency:
-``F(s−1)`` for ``F``, ``B(s+1)`` for ``B`` (its own ``F`` on the last stage), its own ``B`` for
-``W``. Wherever the stages sit (the schedule's ``placement``), that is enough: an action placed
-before one it needs on the same rank leaves that rank waiting for ever, which :func:`play`
-reports as a deadlock.
+``F(s−1)`` for ``F`` (the input on a group's first stage), ``B(s+1)`` for ``B`` (its own ``F``
+on a group's last stage), its own ``B`` for ``W``. With ``pipelines > 1`` (bidirectional
+DualPipe) the stages form groups and only the keys of micro-batches that travel a stage's
+group are used. Wherever the stages sit (the schedule's ``placement``), that is enough: an
+action placed before one it needs on the same rank leaves that rank waiting for ever, which
+:func:`play` reports as a deadlock.
 
 Messages: a stage boundary that crosses ranks is two channels, the activations of stage ``s``
 (``s → s + 1``) and the gradients of stage ``s + 1`` (``s + 1 → s``); each channel delivers in
@@ -53,7 +55,8 @@ class Plan(NamedTuple):
 def crossing_edges(schedule: Schedule) -> list[int]:
     """Stages ``s`` whose boundary ``s → s + 1`` crosses ranks (carries messages)."""
     place = schedule.placement
-    return [s for s in range(schedule.num_stages - 1) if place[s][0] != place[s + 1][0]]
+    return [s for s in range(schedule.num_stages - 1)
+            if place[s][0] != place[s + 1][0] and not schedule.is_last(s)]
 
 
 def compile_schedule(schedule: Schedule,
@@ -87,7 +90,7 @@ def _structure(schedule: Schedule) -> tuple:
     kind, chunk, mb, bounds = schedule.columns()
     counts = np.diff(bounds)
     split = bool((kind == 2).any())
-    expected = (3 if split else 2) * m * v
+    expected = (3 if split else 2) * schedule.group_mbs * v  # each chunk: its group's mbs
     wrong = np.flatnonzero(counts != expected)
     if wrong.size:
         r = int(wrong[0])
@@ -98,6 +101,11 @@ def _structure(schedule: Schedule) -> tuple:
     S = p * v
     rank = np.repeat(np.arange(p), counts)
     stage = np.array([schedule.stage(r, c) for r in range(p) for c in range(v)])[rank * v + chunk]
+    if schedule.pipelines > 1:
+        wrong = np.flatnonzero(stage // schedule.group_stages != mb // schedule.group_mbs)
+        if wrong.size:
+            raise Invalid(f"rank {int(rank[wrong[0]])} runs a micro-batch on a stage of another "
+                          "pipeline")
     keys = m + (kind * S + stage) * m + mb
     size = m + 3 * S * m
     seen = np.bincount(keys, minlength=size)
@@ -105,11 +113,13 @@ def _structure(schedule: Schedule) -> tuple:
         twice = np.flatnonzero(seen[keys] > 1)[0]
         raise Invalid(f"rank {int(rank[twice])} runs an action twice")
     _check_channels(schedule, keys, bounds, rank, size)
-    # F needs F of the stage before (stage 0: the input); B needs B of the stage after, on the
-    # last stage its own F; W needs its own B (same rank)
-    turn = (kind == 1) & (stage == S - 1)
+    # F needs F of the stage before (a group's first stage: the input); B needs B of the stage
+    # after, on a group's last stage its own F; W needs its own B (same rank)
+    per = schedule.group_stages
+    turn = (kind == 1) & (stage % per == per - 1)
     dep_kind = np.where((kind == 0) | turn, 0, 1)
     dep_stage = np.where(kind == 0, stage - 1, np.where((kind == 1) & ~turn, stage + 1, stage))
+    dep_stage[(kind == 0) & (stage % per == 0)] = -1  # reads the input
     deps = np.where(dep_stage < 0, mb, m + (dep_kind * S + dep_stage) * m + mb)
     owner = np.array([r for r, _ in schedule.placement])[dep_stage.clip(0)]  # rank of the dep
     far = (kind < 2) & ~turn & (dep_stage >= 0) & (owner != rank)
@@ -128,7 +138,10 @@ def _check_channels(schedule: Schedule, keys: np.ndarray, bounds: np.ndarray,
     position[keys] = np.arange(len(keys)) - bounds[rank]
     f = position[m:m + S * m].reshape(S, m)  # row s: positions of F(s, 0..m−1)
     b = position[m + S * m:m + 2 * S * m].reshape(S, m)
-    pairs = [(f[edges], f[edges + 1]), (b[edges + 1], b[edges])]  # (sender, receiver)
+    per = schedule.group_mbs  # the micro-batches of a boundary: those of its group
+    cols = (edges // schedule.group_stages * per)[:, None] + np.arange(per)
+    rows = edges[:, None]
+    pairs = [(f[rows, cols], f[rows + 1, cols]), (b[rows + 1, cols], b[rows, cols])]
     for send, recv in pairs:
         rising = (np.diff(send, axis=1) > 0).all(1) & (np.diff(recv, axis=1) > 0).all(1)
         odd = np.flatnonzero(~rising)  # both in micro-batch order is the usual case

@@ -10,6 +10,10 @@ schedule's ``placement`` says which pipeline stage of ``S = p * v`` each chunk o
 by default chunk ``c`` of rank ``r`` is stage ``s = c * p + r`` (Megatron-LM's virtual stages,
 the "loop"); ``"v"`` folds the pipeline back so the last stage sits on rank 0. An action prints
 as ``F3`` (micro-batch 3, chunk 0) or ``1B3`` (chunk 1).
+
+With ``pipelines = P > 1`` (bidirectional DualPipe) the ``S`` stages form ``P`` consecutive
+groups of ``S' = S / P``; micro-batch ``i`` travels group ``i // (m / P)`` only, and stage
+``g·S' + k`` holds the same layers as stage ``k`` (a replica, its gradients summed).
 """
 
 
@@ -147,6 +151,13 @@ class Schedule:
             ``c`` runs stage ``c·p + rank`` for even ``c`` and ``c·p + p − 1 − rank`` for odd
             ``c``: with two chunks the last stage sits on rank 0, beside the first), or an
             explicit list of ``(rank, chunk)`` pairs, one per stage.
+        pipelines: ``P`` pipelines side by side (default 1): the stages split into ``P``
+            consecutive groups of ``S / P``, micro-batch ``i`` travels group
+            :meth:`group_of` ``(i)`` only, and stage ``g·S/P + k`` is a replica of stage
+            ``k`` (same layers). DualPipe: ``placement="v", v=2, pipelines=2``.
+
+    Raises:
+        ValueError: ``pipelines`` does not divide both the stages and ``m``.
 
     Example:
         >>> Schedule(["F0 F1 B0 B1", "F0 B0 F1 B1"], name="mine").p
@@ -158,6 +169,7 @@ class Schedule:
     v: int
     name: str
     placement: tuple[tuple[int, int], ...]  #: ``(rank, chunk)`` of each stage, in stage order
+    pipelines: int  #: groups of stages, each travelled by ``m / pipelines`` micro-batches
 
     def __init__(
         self,
@@ -166,6 +178,7 @@ class Schedule:
         v: int | None = None,
         name: str = "custom",
         placement: str | Sequence[tuple[int, int]] = "loop",
+        pipelines: int = 1,
     ) -> None:
         orders = tuple(_as_actions(r) for r in ranks)
         if not orders:
@@ -183,6 +196,11 @@ class Schedule:
         for st, (r, c) in enumerate(self.placement):
             stage_of[r][c] = st
         object.__setattr__(self, "_stage_of", tuple(map(tuple, stage_of)))
+        if (isinstance(pipelines, bool) or not isinstance(pipelines, numbers.Integral)
+                or pipelines < 1 or (len(orders) * self.v) % pipelines or m % pipelines):
+            raise ValueError(f"pipelines={pipelines!r} must be an int >= 1 dividing both the "
+                             f"{len(orders) * self.v} stages and the m={m} micro-batches")
+        object.__setattr__(self, "pipelines", int(pipelines))
 
     @property
     def p(self) -> int:
@@ -266,6 +284,55 @@ class Schedule:
         """``(rank, chunk)`` that runs ``stage``."""
         return self.placement[stage]
 
+    # -- pipelines (groups of stages; 1 except for bidirectional DualPipe) ---------------
+    @property
+    def group_stages(self) -> int:
+        """``S' = S / pipelines``: stages of one group, the model's stages."""
+        return self.num_stages // self.pipelines
+
+    @property
+    def group_mbs(self) -> int:
+        """``m / pipelines``: micro-batches travelling each group."""
+        return self.m // self.pipelines
+
+    def group_of(self, mb: int) -> int:
+        """The group of stages micro-batch ``mb`` travels: ``mb // (m / pipelines)``."""
+        return mb // self.group_mbs
+
+    def group_of_stage(self, stage: int) -> int:
+        """The group ``stage`` belongs to."""
+        return stage // self.group_stages
+
+    def stages_of_group(self, group: int) -> range:
+        """The stages of ``group``, in pipeline order."""
+        return range(group * self.group_stages, (group + 1) * self.group_stages)
+
+    def mbs_of_stage(self, stage: int) -> range:
+        """The micro-batches that visit ``stage`` (all ``m`` when ``pipelines == 1``)."""
+        g = self.group_of_stage(stage)
+        return range(g * self.group_mbs, (g + 1) * self.group_mbs)
+
+    def first_stage(self, mb: int) -> int:
+        """The stage where micro-batch ``mb`` enters (reads its input)."""
+        return self.group_of(mb) * self.group_stages
+
+    def last_stage(self, mb: int) -> int:
+        """The stage where micro-batch ``mb`` leaves (its loss is computed there)."""
+        return (self.group_of(mb) + 1) * self.group_stages - 1
+
+    def is_first(self, stage: int) -> bool:
+        """Whether ``stage`` is the first of its group (reads the input)."""
+        return stage % self.group_stages == 0
+
+    def is_last(self, stage: int) -> bool:
+        """Whether ``stage`` is the last of its group (computes the loss)."""
+        return stage % self.group_stages == self.group_stages - 1
+
+    def model_stage(self, stage: int) -> int:
+        """The model stage whose layers ``stage`` holds: ``stage mod S'`` (itself when
+        ``pipelines == 1``)."""
+        return stage % self.group_stages
+
     def __iter__(self):
         return iter(self.ranks)
 
@@ -278,7 +345,8 @@ class Schedule:
     def __str__(self) -> str:
         show = self.v > 1
         width = len(str(self.p - 1))
-        lines = [f"{self.name}: p={self.p} m={self.m} v={self.v}"]
+        both = f" pipelines={self.pipelines}" if self.pipelines != 1 else ""
+        lines = [f"{self.name}: p={self.p} m={self.m} v={self.v}{both}"]
         for r, order in enumerate(self.ranks):
             lines.append(f"rank {r:>{width}}: " + " ".join(a.label(show) for a in order))
         return "\n".join(lines)
@@ -290,6 +358,7 @@ class Schedule:
         body = ", ".join(repr(" ".join(a.label(self.v > 1) for a in o)) for o in self.ranks)
         where = self.placement_name
         extra = "" if where == "loop" else f", placement={where if where != 'custom' else list(self.placement)!r}"
+        extra += f", pipelines={self.pipelines}" if self.pipelines != 1 else ""
         return f"Schedule([{body}], m={self.m}, v={self.v}, name={self.name!r}{extra})"
 
 
