@@ -122,9 +122,9 @@ class ActivationMeter:
     def _register(self, ident: int, storage: Any, tag: tuple[int, int], sizes: list) -> None:
         """Observed: a saved storage, counted once; every save of it adds its holder."""
         until = self._frees[self._part]
-        old = self._alive.get(ident)
-        if old is not None and not old[0].expired():  # saved before (this forward or another)
-            self._until[ident].add(until)
+        known = self._holders(ident)
+        if known is not None:  # saved before (by this forward or another): one more holder
+            known.add(until)
             return
         kept = self._kept.pop(ident, None)  # a kept tensor's memory, saved only now
         holders = {until} | (kept[1] if kept is not None and not kept[0].expired() else set())
@@ -132,6 +132,11 @@ class ActivationMeter:
         self._until[ident] = holders
         self._facts.append((tag, storage.nbytes(), holders))
         sizes.append(storage.nbytes())
+
+    def _holders(self, ident: int) -> set | None:
+        """The holders of a registered storage still alive (an address is reused once freed)."""
+        old = self._alive.get(ident)
+        return self._until[ident] if old is not None and not old[0].expired() else None
 
     @contextlib.contextmanager
     def loss(self):
@@ -155,9 +160,9 @@ class ActivationMeter:
                 continue
             storage = t.untyped_storage()
             ident = storage._cdata
-            old = self._alive.get(ident)
-            if old is not None and not old[0].expired():
-                self._until[ident].add(until)
+            known = self._holders(ident)
+            if known is not None:
+                known.add(until)
                 continue
             kept = self._kept.get(ident)
             if kept is None or kept[0].expired():
