@@ -243,15 +243,14 @@ def test_new_schedules_match_single_process_training_and_their_memory(make_case,
     result = train(model, loss_fn, schedule, data, return_grads=True, return_params=True,
                    timeout=120)
     assert_matches(result, reference(model, loss_fn, data))
-    # Observed (live saved storages) against the order's prediction (each micro-batch's bytes
-    # held from F to W): equal on rank 0; elsewhere within one micro-batch, for two reasons
-    # the prediction does not model: the last stage's B frees what the loss saved (observed
-    # below), and at the V's turn stage p's input is stage p − 1's output, one storage that
-    # outlives the W it is booked to (observed above).
+    # Observed (live saved storages) against the prediction from the order (each storage
+    # from its F until its last holder lets go: the loss's saved tensors at B, the turn's
+    # shared boundary at the later of chunk 1's W and chunk 0's B), action by action.
     observed, predicted = result.peak_activation_bytes, result.predicted_activation_bytes
-    assert observed[0] == predicted[0]
+    assert observed == predicted
     for r in range(p):
-        assert abs(observed[r] - predicted[r]) <= max(result.activation_bytes_per_mb[r].values())
+        trace = [(label, live) for label, live, _ in result.activation_trace(r)]
+        assert trace == result.predicted_activation_trace(r)
     assert result.messages == formulas.messages(p, m, schedule.v, schedule.placement_name)
     held = simulate(schedule, 1, 1, 1).peak_pending_w
     assert held == formulas.peak_pending_w(name, p, m)

@@ -17,8 +17,10 @@ import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..models import backward_phase
+from ..structure import flatten
 
-__all__ = ["ActivationMeter", "backward_input", "backward_weight"]
+__all__ = ["ActivationMeter", "backward_input", "backward_weight", "frees", "predict_live",
+           "predict_peak"]
 
 _CASTS = {"ToCopyBackward0", "TBackward0", "TransposeBackward0", "ViewBackward0", "PermuteBackward0"}
 
@@ -37,6 +39,15 @@ class ActivationMeter:
     runtime says it should. The peak is the largest sample; between two actions memory can
     only be allocated inside an action, so samples at action boundaries see every peak of what
     forwards saved.
+
+    Who holds each storage, and until which action, is recorded beside it (the facts the
+    prediction, :func:`predict_peak`, walks the schedule order with): what the chunk's graph
+    saved until the action that ends that graph, what the loss saved (:meth:`loss`) until the
+    action that backpropagates through it, the stage's input and output kept for the backward
+    (:meth:`hold`) until the action that drops them (:func:`frees` says which, for each way a
+    backward runs). A storage several holders share — the output a stage hands to the next
+    stage on the same rank, saved by that stage's forward — is counted once and held until its
+    last holder lets go. These are declarations: the live total is still what is observed.
 
     ``mode="counted"`` is the cheap bookkeeping for benchmarks: it measures the first
     micro-batch of each ``key`` (chunk and shapes), adds that figure at every ``F`` and
@@ -57,16 +68,25 @@ class ActivationMeter:
         self.live = 0
         self.peak = 0  # over every sample of every step
         self._alive: dict[int, tuple[StorageWeakRef, int, tuple[int, int]]] = {}  # observed
+        self._until: dict[int, set] = {}  # observed: storage -> the actions that drop a holder
+        self._kept: dict[int, tuple[StorageWeakRef, set]] = {}  # held, not (yet) saved
+        self._facts: list[tuple[tuple[int, int], int, set]] = []  # (tag, bytes, until), this step
+        self._frees: dict[str, tuple] = {}  # record(): part -> the action that frees it
+        self._part = "graph"
         self._held: dict[tuple[int, int], int] = {}  # counted
         self._known: dict[Any, int] = {}  # counted: key -> bytes measured for it
 
     def start_step(self) -> None:
         """A new step: per-micro-batch figures and the trace start again (the peak does not)."""
-        self.bytes, self.trace = {}, []
+        self.bytes, self.trace, self._facts = {}, [], []
 
     @contextlib.contextmanager
-    def record(self, chunk: int, mb: int, key: Any = None):
-        """Watch what the forward run inside this block saves for backward."""
+    def record(self, chunk: int, mb: int, key: Any = None,
+               backward: str = "whole"):
+        """Watch what the forward run inside this block saves for backward; ``backward`` is
+        how its backward will run (:func:`frees`), which says when each part is dropped."""
+        self._frees = {part: (kind, chunk, mb) for part, kind in frees(backward).items()}
+        self._part = "graph"
         if self.mode == "counted" and key is not None and key in self._known:
             yield
             self._count(chunk, mb, self._known[key])
@@ -76,16 +96,13 @@ class ActivationMeter:
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
             ident = storage._cdata  # the storage itself, whichever tensor views it
-            if storage.data_ptr() not in self.param_storages and ident not in seen \
+            if storage.data_ptr() not in self.param_storages \
                     and not self._cast(t):  # autocast's low-precision weight copies: weights
-                seen.add(ident)
                 if self.mode == "observed":
-                    old = self._alive.get(ident)
-                    if old is None or old[0].expired():  # an address can be reused once freed
-                        self._alive[ident] = (StorageWeakRef(storage), storage.nbytes(), tag)
-                        sizes.append(storage.nbytes())
-                else:
+                    self._register(ident, storage, tag, sizes)
+                elif ident not in seen:
                     sizes.append(storage.nbytes())
+                seen.add(ident)
             # a detached alias: autograd would hold ``t`` itself as a Python object, in a
             # cycle with its grad_fn that the garbage collector cannot see, so graph parts
             # no backward frees (a split backward's input-only nodes) would leak
@@ -102,7 +119,59 @@ class ActivationMeter:
             self._known[key] = total
         self._count(chunk, mb, total)
 
+    def _register(self, ident: int, storage: Any, tag: tuple[int, int], sizes: list) -> None:
+        """Observed: a saved storage, counted once; every save of it adds its holder."""
+        until = self._frees[self._part]
+        known = self._holders(ident)
+        if known is not None:  # saved before (by this forward or another): one more holder
+            known.add(until)
+            return
+        kept = self._kept.pop(ident, None)  # a kept tensor's memory, saved only now
+        holders = {until} | (kept[1] if kept is not None and not kept[0].expired() else set())
+        self._alive[ident] = (StorageWeakRef(storage), storage.nbytes(), tag)
+        self._until[ident] = holders
+        self._facts.append((tag, storage.nbytes(), holders))
+        sizes.append(storage.nbytes())
+
+    def _holders(self, ident: int) -> set | None:
+        """The holders of a registered storage still alive (an address is reused once freed)."""
+        old = self._alive.get(ident)
+        return self._until[ident] if old is not None and not old[0].expired() else None
+
+    @contextlib.contextmanager
+    def loss(self):
+        """Inside :meth:`record`: what the loss saves, dropped when the backward passes it."""
+        self._part = "loss"
+        try:
+            yield
+        finally:
+            self._part = "graph"
+
+    def hold(self, value: Any) -> None:
+        """The runtime keeps ``value`` (tensors) for the backward of the last :meth:`record`ed
+        forward: a holder of their storages, saved now or by a later forward, until :func:`frees`
+        says (observed mode; the counted mode knows only what :meth:`release` says)."""
+        if self.mode != "observed" or not self._frees:
+            return
+        until = self._frees["kept"]
+        for t in flatten(value)[1]:
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in \
+                    self.param_storages:
+                continue
+            storage = t.untyped_storage()
+            ident = storage._cdata
+            known = self._holders(ident)
+            if known is not None:
+                known.add(until)
+                continue
+            kept = self._kept.get(ident)
+            if kept is None or kept[0].expired():
+                kept = self._kept[ident] = (StorageWeakRef(storage), set())
+            kept[1].add(until)
+
     def _count(self, chunk: int, mb: int, total: int) -> None:
+        until = self._frees.get("graph", ("B", chunk, mb))  # where release() will be called
+        self._facts.append(((chunk, mb), total, {until}))
         self.bytes[(chunk, mb)] = total
         self.per_mb.setdefault(chunk, total)
         self._held[(chunk, mb)] = total
@@ -139,16 +208,68 @@ class ActivationMeter:
         if self.mode == "counted":
             return dict(self._held)
         for ident in [i for i, (ref, _, _) in self._alive.items() if ref.expired()]:
-            del self._alive[ident]
+            del self._alive[ident], self._until[ident]
+        for ident in [i for i, (ref, _) in self._kept.items() if ref.expired()]:
+            del self._kept[ident]
         out: dict[tuple[int, int], int] = {}
         for _, n, tag in self._alive.values():
             out[tag] = out.get(tag, 0) + n
         return out
 
     def report(self) -> dict[str, Any]:
-        """What this step's record keeps: bytes per micro-batch, the trace, the mode."""
+        """What this step's record keeps: bytes per micro-batch, the trace, the mode, and the
+        holding facts: ``[((chunk, mb) that saved it, bytes, actions that drop its holders)]``,
+        storages with the same facts added up."""
+        spans: dict[tuple, int] = {}
+        for tag, n, until in self._facts:
+            key = (tag, tuple(sorted(until)))
+            spans[key] = spans.get(key, 0) + n
         return {"act_bytes": dict(self.bytes), "act_trace": list(self.trace),
-                "act_mode": self.mode}
+                "act_mode": self.mode,
+                "act_spans": [(tag, n, until) for (tag, until), n in spans.items()]}
+
+
+def frees(backward: str) -> dict[str, str]:
+    """Which action of a micro-batch drops each part of what its forward left behind.
+
+    Parts: ``graph`` (what the chunk's layers saved), ``loss`` (what the loss saved, last stage
+    only), ``kept`` (the stage input and output the runtime keeps for the backward).
+    ``backward``: ``"whole"`` — one ``B`` runs the whole backward and drops everything;
+    ``"split"`` — ``B`` computes the input gradient (:func:`backward_input`): torch's helper
+    then detaches the output, which frees what lies above the last layer with weights (the
+    loss), and the runtime drops the input and output, while the graph ``W`` needs stays;
+    ``"at-w"`` — a split backward without an input gradient (the first stage): ``B`` does
+    nothing and ``W`` runs the whole backward from the kept output.
+    """
+    if backward == "whole":
+        return {"graph": "B", "loss": "B", "kept": "B"}
+    if backward == "split":
+        return {"graph": "W", "loss": "B", "kept": "B"}
+    if backward == "at-w":
+        return {"graph": "W", "loss": "W", "kept": "W"}
+    raise ValueError(f"backward must be 'whole', 'split' or 'at-w', not {backward!r}")
+
+
+def predict_live(order: Sequence[Any], spans: Sequence[tuple]) -> list[int]:
+    """Saved bytes predicted alive after each action of ``order`` (a rank's actions), from
+    :meth:`ActivationMeter.report`'s holding facts: each storage group is alive from the ``F``
+    of the micro-batch that saved it until the last action that drops one of its holders (to
+    the end of the order if that action is not in it)."""
+    at = {(a.kind.value, a.chunk, a.mb): i for i, a in enumerate(order)}
+    change = [0] * (len(order) + 1)
+    for (chunk, mb), n, until in spans:
+        change[at[("F", chunk, mb)]] += n
+        change[max((at.get(tuple(u), len(order)) for u in until), default=len(order))] -= n
+    live, out = 0, []
+    for d in change[:-1]:
+        live += d
+        out.append(live)
+    return out
+
+
+def predict_peak(order: Sequence[Any], spans: Sequence[tuple]) -> int:
+    """The largest of :func:`predict_live`: the predicted peak of one step on one rank."""
+    return max(predict_live(order, spans), default=0)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

@@ -79,15 +79,18 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
                 inp = as_stage_input(inp)
             y = _use(ys, a.mb) if s == w.last else None
             shapes = (a.chunk, signature(inp), y is not None and signature(y))
-            with w.meter.record(a.chunk, a.mb, key=shapes), w.autocast():
+            how = _how_backward(sched.split_backward, s, inp)  # when what it saves is freed
+            with w.meter.record(a.chunk, a.mb, key=shapes, backward=how), w.autocast():
                 out = w.forward(a.chunk, s, inp)
                 if s == w.last:
                     weight = rows(y) / total  # this micro-batch's share of the batch
-                    out = w.job.loss_fn(out, y).float() * weight
+                    with w.meter.loss():
+                        out = w.job.loss_fn(out, y).float() * weight
                     losses.append(out.detach())
             if s != w.last:  # stages the caller's trial forward could not run are checked here
                 check_boundary(s, out, crosses=bool(step.sends))
             stash[(a.chunk, a.mb)] = (inp, out)
+            w.meter.hold((inp, out))  # kept for the backward: a holder of their memory
             to_send = detach(out)
         elif a.kind is Kind.B:
             inp, out = stash.pop((a.chunk, a.mb))
@@ -128,6 +131,14 @@ def _backward(w: StageWorker, a: Action, s: int, inp: Any, out: Any, grad: list 
     if s == 0:
         return None
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(g_in, ins)]
+
+
+def _how_backward(split: bool, s: int, inp: Any) -> str:
+    """How this micro-batch's backward will run, as :func:`~.autograd.frees` names it (the
+    branches of :func:`_backward` and :func:`~.autograd.backward_input`)."""
+    if not split:
+        return "whole"
+    return "split" if s > 0 and differentiable(inp) else "at-w"
 
 
 def _micro_batches(w: StageWorker, batch: Batch) -> tuple[list, list, int]:

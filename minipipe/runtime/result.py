@@ -8,8 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..schedules import Kind, Schedule
+from ..schedules import Schedule
 from ..timeline import Event, Timeline
+from .autograd import predict_live, predict_peak
 
 __all__ = ["RunResult"]
 
@@ -99,25 +100,29 @@ class RunResult:
         of ``rank`` in ``step`` (counted mode: what the bookkeeping says)."""
         return list(self._reports()[rank]["steps"][step]["act_trace"])
 
+    def predicted_activation_trace(self, rank: int, step: int = -1) -> list[tuple[str, int]]:
+        """``(action, live bytes predicted after it)`` for each action of ``rank`` in ``step``:
+        the prediction beside :meth:`activation_trace`'s observation, action by action."""
+        order = self.schedule.ranks[rank]
+        live = predict_live(order, self._reports()[rank]["steps"][step]["act_spans"])
+        return [(a.label(self.schedule.v > 1), n) for a, n in zip(order, live)]
+
     @property
     def predicted_activation_bytes(self) -> list[int]:
-        """Peak per rank predicted from the schedule order and each micro-batch's saved bytes.
+        """Peak per rank predicted from the schedule order and what each forward saved.
 
-        A micro-batch's bytes are held from its ``F`` until its ``B`` (split backward: its
-        ``W``); the largest sum over the order is the prediction (the largest over steps).
+        One rule for every schedule (:func:`~minipipe.runtime.autograd.predict_peak`): a
+        storage is alive from the ``F`` that saved it until the last of its holders lets go —
+        the chunk's graph at its backward (split: at ``W``), the loss's saved tensors at ``B``,
+        the stage input and output the runtime keeps at ``B``, so that a boundary tensor two
+        chunks share on one rank (the turn of a V) is counted once and lives as long as the
+        longer of the two. The facts (bytes, who saved them, who holds them) are recorded at
+        each ``F``; the largest peak over the steps is the prediction.
         """
-        freed = Kind.W if self.schedule.split_backward else Kind.B
         out = []
         for r, order in enumerate(self.schedule.ranks):
-            best = 0
-            for step in range(len(self.ranks[0]["steps"])):
-                per = self.activation_bytes(step)[r]
-                live = 0
-                for a in order:
-                    n = per[(a.chunk, a.mb)]
-                    live += n if a.kind is Kind.F else (-n if a.kind is freed else 0)
-                    best = max(best, live)
-            out.append(best)
+            steps = self._reports()[r]["steps"]
+            out.append(max(predict_peak(order, step["act_spans"]) for step in steps))
         return out
 
     @property
