@@ -475,7 +475,7 @@ def test_w_filling_loop_compiled_equals_its_python_source(p, m, data):
        m=st.integers(1, 12))
 def test_numbered_counts_each_kind_and_chunk_in_order(rows, m):
     """``numbered``: the k-th token of a (kind, chunk) on a rank is micro-batch k; k >= m cut."""
-    from minipipe.schedules.base import numbered
+    from minipipe.schedules.patterns import numbered
 
     want = []
     for row in rows:

@@ -30,7 +30,7 @@ from operator import attrgetter
 from typing import Any
 
 __all__ = ["Kind", "Action", "action", "F", "B", "W", "Schedule", "parse_actions", "check_sizes",
-           "make_placement", "numbered"]
+           "make_placement"]
 
 
 class Kind(str, enum.Enum):
@@ -389,37 +389,6 @@ def make_placement(placement: str | Sequence[tuple[int, int]], p: int,
 
 
 # ---------------------------------------------------------------------------- generators
-
-
-def numbered(rows: Sequence[Sequence[int]], m: int, v: int, cls: type | None = None,
-             **kwargs) -> Schedule:
-    """A schedule from each rank's order of *kinds* only, micro-batches numbered by appearance.
-
-    ``rows[r]`` lists rank ``r``'s actions as tokens ``kind·v + chunk`` (kind 0 = F, 1 = B,
-    2 = W); the ``k``-th token of a (kind, chunk) on a rank is micro-batch ``k`` (F, B and W of
-    one chunk each run their micro-batches in increasing order in every order built this way).
-    Tokens numbered ``m`` or more are dropped, so a generator may write the pattern for more
-    micro-batches and cut it down. ``cls``: a subclass of :class:`Schedule` to build (other
-    keyword arguments go to its constructor). Numbering
-    is done by numpy: the generators of long schedules write a pattern with list arithmetic
-    (``[F0, B0, W0] * n``) and never make one Python object per action.
-    """
-    import numpy as np  # noqa: PLC0415 (numpy only for the fast path)
-
-    lengths = [len(row) for row in rows]
-    total = sum(lengths)
-    token = np.fromiter(chain.from_iterable(rows), np.int64, total)
-    rank = np.repeat(np.arange(len(rows)), lengths)
-    key = rank * 3 * v + token  # (rank, kind, chunk)
-    order = np.argsort(key, kind="stable")
-    first = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])  # each group's start
-    mb = np.empty(total, np.int64)
-    mb[order] = np.arange(total) - np.repeat(first, np.diff(np.r_[first, total]))
-    keep = mb < m
-    bounds = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(np.bincount(rank[keep], minlength=len(rows)), out=bounds[1:])
-    token = token[keep]
-    return (cls or Schedule).from_columns(token // v, token % v, mb[keep], bounds, m, v, **kwargs)
 
 
 def check_sizes(p: int, m: int) -> None:

@@ -12,12 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Schedule, check_sizes, numbered
+from .base import Schedule, check_sizes
+from .patterns import B0, B1, F0, F1, W0, W1, numbered
 
 __all__ = ["OverlapSchedule", "zb_v", "dualpipev"]
-
-# an action's kind and chunk, as the tokens of :func:`~minipipe.schedules.base.numbered`
-F0, F1, B0, B1, W0, W1 = range(6)
 
 
 @dataclass(frozen=True, init=False)
