@@ -23,7 +23,13 @@ makes them whole, else rounded to a thousandth):
   package does; it keeps messages on each channel in order and removes the solver's
   symmetric copies of one solution. "Optimal" below means optimal among such schedules.
 
-The objective is the step time (the last action's end).
+The objective is the step time (the last action's end). What makes the proof fast (p ≤ 4,
+m ≤ 8 in about a second, V placement included): per-rank bounds that the model implies but
+the solver does not see (:func:`_rank_bounds`: a rank's work after its first action, after its
+first ``B`` less the forwards the memory let it run before, and before its last ``B``), and
+the fastest admitted schedule at hand (:func:`_known`: ``start_from`` or the package's own
+for the placement) as first solution and horizon. Neither changes the optimum; the tests
+compare with the bare model.
 """
 
 from __future__ import annotations
@@ -116,13 +122,19 @@ def _problem(p, m, t_f, t_b, t_w, comm, memory_limit, placement, v) -> _Problem:
     return _Problem(p, m, v, where, costs, split, comm, scale, min(capacity, m * v))
 
 
-def _build(pb: _Problem):
-    """The CP-SAT model: intervals, dependencies, memory, and the step to minimise."""
+def _build(pb: _Problem, upper: int | None = None, redundant: bool = True):
+    """The CP-SAT model: intervals, dependencies, memory, and the step to minimise.
+
+    ``upper``: a step some known schedule reaches (it bounds every time); else every action
+    one after the other, each message paid. ``redundant``: add :func:`_rank_bounds` (the
+    tests solve without them too, to check that they leave the optimum unchanged).
+    """
     from ortools.sat.python import cp_model
 
     stages = pb.p * pb.v
-    horizon = sum(pb.duration(k, s) for k in pb.kinds for s in range(stages)) * pb.m \
-        + 2 * stages * pb.m * pb.lag(0, 1 % stages)
+    horizon = upper if upper is not None else \
+        sum(pb.duration(k, s) for k in pb.kinds for s in range(stages)) * pb.m \
+        + 2 * stages * pb.m * round(pb.comm * pb.scale)
     model = cp_model.CpModel()
     start: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
     end: dict[tuple[Kind, int, int], cp_model.IntVar] = {}
@@ -155,13 +167,46 @@ def _build(pb: _Problem):
             model.AddCumulative(held[r], [1] * len(held[r]), pb.capacity)
     step = model.NewIntVar(0, horizon, "step")
     model.AddMaxEquality(step, list(end.values()))
-    for r in range(pb.p):  # implied, but it helps the proof: a rank starts with its first
-        first = min(s for s in range(stages) if pb.where[s][0] == r)  # stage's first F and
-        work = sum(pb.duration(k, s) for k in pb.kinds for s in range(stages)  # then works
-                   if pb.where[s][0] == r) * pb.m
-        model.Add(step >= start[(Kind.F, first, 0)] + work)
+    if redundant:
+        _rank_bounds(model, pb, start, end, step)
     model.Minimize(step)
     return model, start, end
+
+
+def _rank_bounds(model, pb: _Problem, start: dict, end: dict, step) -> None:
+    """Redundant bounds on ``step``, one set per rank (each implied by the model; they help the proof).
+
+    On rank ``r`` with lowest stage ``lo`` and highest ``hi``: ``F(lo, 0)`` is its first
+    action (every ``F`` of the rank waits for an ``F`` of ``lo``, micro-batches in order),
+    ``B(hi, 0)`` its first ``B`` (every ``B`` waits for a ``B`` of ``hi``) and ``B(lo, m−1)``
+    its last ``B``. Every ``W`` comes after the first ``B``; every ``F`` and ``B`` before the
+    last ``B`` ends. Its actions never overlap, so
+
+    1. ``step ≥ start F(lo, 0) + work`` (all its work after its first action);
+    2. ``step ≥ start B(hi, 0) + work − F_C``: an ``F`` started before the first ``B`` still
+       holds its stash then (its ``W`` comes later), so at most ``C`` (the capacity) did, and
+       ``F_C``, the ``C`` longest ``F`` of the rank, bounds their work — the fill a memory
+       limit forces: with nothing to release, a rank waits for its first ``B``;
+    3. ``end B(lo, m−1) ≥ start F(lo, 0) + work − W_C`` and ``≥ start B(hi, 0) + work − F_C −
+       W_C``: only ``W`` may run after the last ``B``, and each still holds its stash when
+       that ``B`` ends, so at most ``C`` of them (``W_C``: the ``C`` longest); the chain of
+       ``B`` below ``lo`` then adds the drain.
+    (2 and 3 count stashes at an instant just before; they need ``F`` and ``B`` of positive
+    length on the rank, else they are left out.)
+    """
+    for r in range(pb.p):
+        mine = [s for s in range(pb.p * pb.v) if pb.where[s][0] == r]
+        lo, hi = min(mine), max(mine)
+        work = sum(pb.duration(k, s) for k in pb.kinds for s in mine) * pb.m
+        model.Add(step >= start[(Kind.F, lo, 0)] + work)
+        if min(pb.duration(k, s) for k in (Kind.F, Kind.B) for s in mine) == 0:
+            continue
+        f_c, w_c = (sum(sorted((pb.duration(k, s) for s in mine for _ in range(pb.m)),
+                               reverse=True)[:pb.capacity]) if k in pb.kinds else 0
+                    for k in (Kind.F, Kind.W))
+        model.Add(step >= start[(Kind.B, hi, 0)] + work - f_c)
+        model.Add(end[(Kind.B, lo, pb.m - 1)] >= start[(Kind.F, lo, 0)] + work - w_c)
+        model.Add(end[(Kind.B, lo, pb.m - 1)] >= start[(Kind.B, hi, 0)] + work - f_c - w_c)
 
 
 def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, comm: float = 0,
@@ -181,34 +226,41 @@ def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, co
         placement: ``"loop"`` (default, ``v = 1``), ``"v"`` (``v = 2``) or an explicit list.
         v: chunks per rank (default: 2 for ``"v"``, else 1).
         time_limit: seconds for the solver; beyond it the best schedule found is returned
-            with ``optimal=False`` (``start_from`` itself if the solver found nothing better).
-        start_from: a schedule to start the solver from (a hint; any valid one helps).
-        workers: solver threads (1 keeps it gentle on a shared machine).
+            with ``optimal=False`` (the fastest schedule at hand if the solver found none).
+        start_from: a schedule to start the solver from (a hint). The package's schedules
+            for the placement (ZB-H1/ZB-H2 or 1F1B/naive on the loop, ZB-V/DualPipeV on the
+            V) are tried too; the fastest that fits the limit is the solver's first solution.
+        workers: solver threads. 1 (default): the same answer on every run, and gentle on a
+            shared machine; 2 was no faster on a busy 2-core one.
 
     Raises:
         ValueError: bad sizes or costs, a limit below one chunk stash, or nothing found in
-            the time limit without ``start_from``.
+            the time limit and no schedule at hand fits the limit.
     """
     from ortools.sat.python import cp_model
 
     pb = _problem(p, m, t_f, t_b, t_w, comm, memory_limit, placement, v)
-    model, start, end = _build(pb)
-    if start_from is not None:
-        _hint(model, start, end, start_from, pb)
+    known = _known(pb, start_from)
+    model, start, end = _build(pb, known[1] if known else None)
+    if known or start_from is not None:
+        _hint(model, start, end, known[0] if known else start_from, pb)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit)
     solver.parameters.num_workers = workers
+    # Probing expands each no-overlap into order literals once the horizon is tight (a known
+    # schedule's step): seconds of presolve at p = 4, m = 8, and the proof needs none of it.
+    solver.parameters.cp_model_probing_level = 0
     t0 = time.perf_counter()
     status = solver.Solve(model)
     wall = time.perf_counter() - t0
     bound = solver.BestObjectiveBound() / pb.scale
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        if start_from is None:
+        if known is None:
             raise ValueError(f"no schedule found for p={p}, m={m} under memory_limit="
                              f"{memory_limit} in {time_limit} s ({solver.StatusName(status)})")
-        kept = Schedule(start_from.ranks, m=m, v=pb.v, placement=start_from.placement,
+        kept = Schedule(known[0].ranks, m=m, v=pb.v, placement=known[0].placement,
                         name=f"best-found@{memory_limit}")  # the solver found nothing better
-        return SearchResult(kept, _replay(kept, pb).step_time, bound, False, wall)
+        return SearchResult(kept, known[1] / pb.scale, bound, False, wall)
     orders = []
     for r in range(p):
         mine = sorted(((solver.Value(t), pb.kinds.index(k[0]), k) for k, t in start.items()
@@ -220,8 +272,49 @@ def solve(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, co
     return SearchResult(schedule, solver.ObjectiveValue() / pb.scale, bound, optimal, wall)
 
 
+def _known(pb: _Problem, start_from: Schedule | None) -> tuple[Schedule, int] | None:
+    """The fastest schedule at hand that the model admits, and its step (solver units).
+
+    At hand: ``start_from`` and the package's generators for this placement and backward
+    (ZB-H1, ZB-H2, or 1F1B and naive unsplit, on the loop placement with ``v = 1``; ZB-V and
+    DualPipeV on the V placement). Admitted: same sizes, placement and backward, micro-batches
+    in order on each stage, within the memory limit. Its step bounds the optimum from above
+    (the model's horizon) and its times are the solver's first solution; ``None`` if none.
+    """
+    from .schedules import dualpipev, naive, one_f_one_b, zb_h1, zb_h2, zb_v
+
+    gens: tuple = ()
+    if pb.v == 1 and pb.where == make_placement("loop", pb.p, 1):
+        gens = (zb_h1, zb_h2) if pb.split else (one_f_one_b, naive)
+    elif pb.v == 2 and pb.where == make_placement("v", pb.p, 2) and pb.split:
+        gens = (zb_v, dualpipev) if pb.m >= 2 * pb.p else (zb_v,)
+    best = None
+    for s in ([start_from] if start_from is not None else []) + [g(pb.p, pb.m) for g in gens]:
+        if (s.p, s.m, s.v, s.split_backward) != (pb.p, pb.m, pb.v, pb.split) \
+                or s.placement != pb.where or not _in_order(s):
+            continue
+        tl = _replay(s, pb)
+        if max(tl.peak_pending_w) <= pb.capacity and (best is None or tl.step_time < best[1]):
+            best = (s, round(tl.step_time))
+    return best
+
+
+def _in_order(s: Schedule) -> bool:
+    """Each rank runs the micro-batches of each (kind, chunk) in increasing order."""
+    for rank in s.ranks:
+        last: dict[tuple[Kind, int], int] = {}
+        for a in rank:
+            if last.get((a.kind, a.chunk), -1) >= a.mb:
+                return False
+            last[(a.kind, a.chunk)] = a.mb
+    return True
+
+
 def _replay(schedule: Schedule, pb: _Problem):
-    return simulate(schedule, pb.costs[0], pb.costs[1], pb.costs[2] if pb.split else None, pb.comm)
+    """``schedule`` played by the simulator in the solver's integer time units."""
+    stages = range(pb.p * pb.v)
+    f, b, w = ([pb.duration(k, s) for s in stages] for k in (Kind.F, Kind.B, Kind.W))
+    return simulate(schedule, f, b, w if pb.split else None, round(pb.comm * pb.scale))
 
 
 def _hint(model, start: dict, end: dict, schedule: Schedule, pb: _Problem) -> None:
@@ -231,8 +324,8 @@ def _hint(model, start: dict, end: dict, schedule: Schedule, pb: _Problem) -> No
                          "the search does (t_w > 0)")
     for e in _replay(schedule, pb).events:
         key = (e.action.kind, schedule.stage(e.rank, e.action.chunk), e.action.mb)
-        model.AddHint(start[key], round(e.start * pb.scale))
-        model.AddHint(end[key], round(e.end * pb.scale))
+        model.AddHint(start[key], round(e.start))
+        model.AddHint(end[key], round(e.end))
 
 
 def search(p: int, m: int, t_f: Cost = 1, t_b: Cost = 1, t_w: Cost | None = 1, comm: float = 0,

@@ -97,6 +97,86 @@ def test_v_placement_search_beats_or_ties_zb_v_at_its_memory():
     _check(res, 1, 1, 1, max(tl.peak_pending_w) / 2)
 
 
+def _bare_optimum(p, m, costs, comm, limit, placement):
+    """The optimum of the bare model: no rank bounds, no known schedule as first solution or
+    horizon, the loose horizon (the model as it was before they were added), proven."""
+    from ortools.sat.python import cp_model
+
+    from minipipe.search import _build, _problem
+
+    pb = _problem(p, m, *costs, comm, limit, placement, None)
+    model, _, _ = _build(pb, redundant=False)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds, solver.parameters.num_workers = 20, 1
+    assert solver.Solve(model) == cp_model.OPTIMAL
+    return solver.ObjectiveValue() / pb.scale
+
+
+@pytest.mark.parametrize("placement", ["loop", "v"])
+@pytest.mark.parametrize("p,m,costs,comm,limits", [
+    (2, 4, (1, 1, 1), 0, (1, 2)), (2, 4, (1, 2, 1), 0, (1, 2)),
+    (3, 4, (1, 1, 1), 0, (1, 3)), (3, 4, (1, 2, 1), 0, (1.5, 3)),
+    (2, 4, (1, 2, None), 0, (1.5,)),  # unsplit backward: no W, the stash lives until B
+    (2, 4, ([1, 2, 1, 1], 2, 1), 0.5, (1.5,)),  # t_f per stage (first p·v used), a latency
+])
+def test_the_added_bounds_and_hints_leave_the_optimum_unchanged(placement, p, m, costs, comm,
+                                                                 limits):
+    """Each redundant bound and the known-schedule horizon are only valid if they cut no
+    schedule the bare model admits: same proven optimum, on cases the bare model proves."""
+    stages = p * (2 if placement == "v" else 1)
+    t_f = costs[0] if isinstance(costs[0], int) else costs[0][:stages]
+    costs = (t_f, *costs[1:])
+    for limit in limits:
+        res = solve(p, m, *costs, comm=comm, memory_limit=limit, placement=placement,
+                    time_limit=20)
+        assert res.optimal
+        assert res.step_time == _bare_optimum(p, m, costs, comm, limit, placement)
+        _check(res, *costs, limit, comm=comm)
+
+
+@pytest.mark.parametrize("costs,limit", [((1, 1, 1), 4), ((1, 2, 1), 4), ((1, 2, 1), 4.5)])
+def test_v_placement_at_p4_m8_is_proven_in_seconds(costs, limit):
+    """ZB-V's memory (p micro-batches = 2p half stashes) and DualPipeV's (one half more).
+    The bare model left ``(1, 2, 1)`` at 4 open after 30 s (bound 67, best 70)."""
+    p, m = 4, 8
+    res = solve(p, m, *costs, memory_limit=limit, placement="v", time_limit=20)
+    assert res.optimal and res.schedule.placement_name == "v"
+    tl = _check(res, *costs, limit)
+    assert res.step_time <= simulate(zb_v(p, m), *costs).step_time
+    assert tl.step_time >= formulas.ideal_time(m, *costs) * 2  # two chunks a rank
+
+
+def test_the_rank_bounds_alone_prove_the_v_case():
+    """Without a known schedule (no first solution, loose horizon) the proof still closes:
+    the bounds, not the hint, carry it. Rank 3 must wait for its first B at 14 holding at
+    most 8 forwards: 3 idle + 3 fill + 64 work = 70."""
+    from ortools.sat.python import cp_model
+
+    from minipipe.search import _build, _problem
+
+    pb = _problem(4, 8, 1, 2, 1, 0, 4, "v", None)
+    model, _, _ = _build(pb)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds, solver.parameters.num_workers = 20, 1
+    solver.parameters.cp_model_probing_level = 0
+    assert solver.Solve(model) == cp_model.OPTIMAL and solver.ObjectiveValue() == 70
+
+
+def test_a_start_from_over_the_limit_is_a_hint_not_a_horizon():
+    """ZB-H1 holds p micro-batches; under a limit of 1 its step is no upper bound on the
+    optimum (the model would be infeasible if it were taken as the horizon)."""
+    res = solve(3, 4, 1, 2, 1, memory_limit=1, start_from=zb_h1(3, 4), time_limit=20)
+    assert res.optimal and res.step_time > simulate(zb_h1(3, 4), 1, 2, 1).step_time
+    _check(res, 1, 2, 1, 1)
+
+
+def test_same_answer_every_run():
+    """One worker: CP-SAT is deterministic, so a lesson can assert on the schedule it shows."""
+    first, again = (solve(2, 4, 1, 1, 1, memory_limit=1, placement="v", time_limit=20)
+                    for _ in range(2))
+    assert first.optimal and first.schedule == again.schedule
+
+
 def test_time_limit_returns_the_best_found_and_a_valid_schedule():
     p, m = 6, 24
     res = solve(p, m, 1, 2, 1, memory_limit=p, time_limit=2, start_from=zb_h1(p, m))
