@@ -23,6 +23,9 @@ def _check(result, t_f, t_b, t_w, memory_limit=None, comm=0.0):
     s = validate(result.schedule)
     tl = simulate(s, t_f, t_b, t_w if s.split_backward else None, comm)
     assert tl.step_time == pytest.approx(result.step_time)  # ASAP replay of the solver's order
+    assert result.lower_bound <= result.step_time + 1e-9
+    if result.optimal:  # the replay reaches the solver's proven bound: same model, same times
+        assert result.step_time == pytest.approx(result.lower_bound)
     if memory_limit is not None:
         assert max(tl.peak_pending_w) <= memory_limit * s.v
     return tl
