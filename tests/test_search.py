@@ -100,14 +100,14 @@ def test_v_placement_search_beats_or_ties_zb_v_at_its_memory():
     _check(res, 1, 1, 1, max(tl.peak_pending_w) / 2)
 
 
-def _bare_optimum(p, m, costs, comm, limit, placement):
+def _bare_optimum(p, m, costs, comm, limit, placement, v=None):
     """The optimum of the bare model: no rank bounds, no known schedule as first solution or
     horizon, the loose horizon (the model as it was before they were added), proven."""
     from ortools.sat.python import cp_model
 
     from minipipe.search import _build, _problem
 
-    pb = _problem(p, m, *costs, comm, limit, placement, None)
+    pb = _problem(p, m, *costs, comm, limit, placement, v)
     model, _, _ = _build(pb, redundant=False)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds, solver.parameters.num_workers = 20, 1
@@ -135,6 +135,17 @@ def test_the_added_bounds_and_hints_leave_the_optimum_unchanged(placement, p, m,
         assert res.optimal
         assert res.step_time == _bare_optimum(p, m, costs, comm, limit, placement)
         _check(res, *costs, limit, comm=comm)
+
+
+@pytest.mark.parametrize("placement", ["loop", [(1, 0), (0, 0), (0, 1), (1, 1)]])
+def test_the_bounds_hold_with_two_chunks_on_any_placement(placement):
+    """Interleaved (stages r and r + p on rank r) and a mirrored V: the rank bounds use only
+    each rank's lowest and highest stage, whatever sits between."""
+    for costs, limit in (((1, 2, 1), 1), ((1, 2, 1), 1.5), ((1, 2, None), 1.5)):
+        res = solve(2, 4, *costs, memory_limit=limit, placement=placement, v=2, time_limit=20)
+        assert res.optimal
+        assert res.step_time == _bare_optimum(2, 4, costs, 0, limit, placement, v=2)
+        _check(res, *costs, limit)
 
 
 @pytest.mark.parametrize("costs,limit", [((1, 1, 1), 4), ((1, 2, 1), 4), ((1, 2, 1), 4.5)])
