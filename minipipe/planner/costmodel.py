@@ -10,7 +10,9 @@ vocabulary) and a :class:`Hardware` (memory, peak FLOP/s and the fraction reache
   Recomputation in Large Transformer Models", Table 2), tensor parallelism ``t`` and sequence
   parallelism as divisors;
 - parameter, gradient and optimizer bytes under mixed-precision Adam (Megatron-LM's 18 bytes
-  per parameter; ``6 + 12/dp`` with the optimizer state sharded over data parallelism);
+  per parameter; ``6 + 12/dp`` with the optimizer state sharded over data parallelism,
+  ``2 + 16/dp`` with the fp32 gradients sharded too); the norms' weights are replicated over
+  tensor parallelism, the matrices split (as Megatron-LM's theoretical memory estimate counts);
 - the bytes and time of one stage-boundary message;
 - the embedding on the first stage and the output layer (and loss) on the last.
 
@@ -45,6 +47,8 @@ class Model:
         flash: attention computed without storing the ``s × s`` scores (FlashAttention): the
         ``5as/h`` term of the activation memory is gone, as with selective recomputation.
         norm: ``"layernorm"`` (weight and bias) or ``"rmsnorm"`` (weight only).
+        dropout: the block and the embedding apply dropout (GPT) and keep its 1-byte masks;
+        Llama models have none.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Model:
     tied: bool = False
     flash: bool = False
     norm: str = "layernorm"
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "seq", "vocab"):
@@ -78,14 +83,18 @@ class Model:
         return self.kv_heads or self.heads
 
     @property
+    def norm_params(self) -> int:
+        """Parameters of one norm (replicated on every tensor-parallel rank)."""
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    @property
     def layer_params(self) -> int:
         """Parameters of one block (Megatron-LM's count: weights of the four attention and two
         or three MLP matrices, and the two norms; no linear biases)."""
         h, g = self.hidden, self.kv / self.heads
         attention = 2 * h * h * (1 + g)  # Q and output h×h each, K and V h×(h·g) each
         mlp = (3 if self.gated else 2) * h * self.f
-        norms = 2 * h * (2 if self.norm == "layernorm" else 1)
-        return int(attention + mlp + norms)
+        return int(attention + mlp + 2 * self.norm_params)
 
     @property
     def embedding_params(self) -> int:
@@ -95,8 +104,7 @@ class Model:
     def params(self) -> int:
         """All parameters: blocks, final norm, embedding and (untied) output layer."""
         head = 0 if self.tied else self.embedding_params
-        final_norm = self.hidden * (2 if self.norm == "layernorm" else 1)
-        return self.layers * self.layer_params + final_norm + self.embedding_params + head
+        return self.layers * self.layer_params + self.norm_params + self.embedding_params + head
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,7 @@ class StageCost:
     t_b: float
     t_w: float
     activation_bytes: float  # kept per micro-batch in flight
-    params: float  # parameters held by one tensor-parallel rank
+    params: float  # parameters held by one tensor-parallel rank (norms whole, matrices / t)
     flops: float = field(default=0.0)  # model FLOPs per micro-batch (forward + backward)
     recompute_flops: float = field(default=0.0)  # FLOPs recomputed per micro-batch
 
@@ -153,7 +161,7 @@ def layer_flops(model: Model, b: int) -> tuple[float, float, float]:
     weighted ones.
     """
     s, h = model.seq, model.hidden
-    weights = model.layer_params - 2 * h * (2 if model.norm == "layernorm" else 1)
+    weights = model.layer_params - 2 * model.norm_params
     matmul = 2 * b * s * weights
     attention = 4 * b * s * s * h
     return float(matmul + attention), float(matmul + 2 * attention), float(matmul)
@@ -201,7 +209,8 @@ def activation_bytes_per_layer(model: Model, b: int, t: int = 1, sp: bool = Fals
     inputs, two dropout masks) is split by sequence parallelism; the ``24sbh`` inside it by
     ``t``. For another MLP size or grouped-query attention the same items are counted:
     Q and the attention output ``2+2``, K and V ``2·kv/a`` each, the MLP's ``4f/h`` (``6f/h``
-    gated); ``flash=True`` drops the ``5as/h`` scores like selective recomputation.
+    gated); ``flash=True`` drops the ``5as/h`` scores like selective recomputation, and a model
+    without dropout (``dropout=False``, Llama) keeps ``8sbh`` outside instead of ``10sbh``.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
@@ -209,7 +218,8 @@ def activation_bytes_per_layer(model: Model, b: int, t: int = 1, sp: bool = Fals
     sbh = s * b * h
     if recompute == "full":
         return 2.0 * sbh
-    outside = 10.0  # 2 norm inputs (4), attention and MLP inputs (2 + 2), 2 dropout masks (1 + 1)
+    outside = 10.0 if model.dropout else 8.0  # 2 norm inputs (4), attention and MLP inputs
+    # (2 + 2), 2 dropout masks (1 + 1)
     kv = model.kv / a
     inside = 4 + 4 * kv + (6 if model.gated else 4) * model.f / h  # Q, out-proj, K, V, MLP
     scores = 0.0 if recompute == "selective" or model.flash else 5.0 * a * s / h
@@ -218,8 +228,9 @@ def activation_bytes_per_layer(model: Model, b: int, t: int = 1, sp: bool = Fals
 
 def embedding_activation_bytes(model: Model, b: int, t: int = 1, sp: bool = False) -> float:
     """First stage, per micro-batch: the token ids (8 bytes each) and the embedding's dropout
-    mask (``sbh``, split by ``t`` under sequence parallelism), Korthikanti et al. §4.3."""
-    sbh = model.seq * b * model.hidden
+    mask (``sbh``, split by ``t`` under sequence parallelism; none without dropout),
+    Korthikanti et al. §4.3."""
+    sbh = model.seq * b * model.hidden if model.dropout else 0.0
     return 8.0 * model.seq * b + (sbh / t if sp else sbh)
 
 
@@ -230,12 +241,15 @@ def output_activation_bytes(model: Model, b: int, t: int = 1) -> float:
     return 4.0 * sbh / t * (1 + model.vocab / model.hidden)
 
 
-def state_bytes_per_param(zero: bool = False, dp: int = 1) -> float:
+def state_bytes_per_param(zero: int = 0, dp: int = 1) -> float:
     """Bytes per parameter for mixed-precision Adam: 2 (16-bit weight) + 4 (fp32 gradient) +
-    12 (fp32 master weight, two moments) = 18, as Megatron-LM counts; with the optimizer state
-    and gradients' reduction sharded over ``dp`` replicas (Megatron's distributed optimizer,
-    ZeRO stage 1), ``6 + 12/dp``."""
-    return 6.0 + 12.0 / dp if zero else 18.0
+    12 (fp32 master weight, two moments) = 18, as Megatron-LM counts. ``zero=1`` (or True):
+    the optimizer state sharded over ``dp`` replicas (Megatron's distributed optimizer, ZeRO
+    stage 1), ``6 + 12/dp``; ``zero=2``: the fp32 gradients sharded too (ZeRO stage 2, FSDP
+    without resharding the weights after the forward, as Llama 3 405B), ``2 + 16/dp``."""
+    if zero not in (0, 1, 2):
+        raise ValueError(f"zero must be 0, 1 or 2, got {zero!r}")
+    return {0: 18.0, 1: 6.0 + 12.0 / dp, 2: 2.0 + 16.0 / dp}[int(zero)]
 
 
 # -------------------------------------------------------------------------------- messages
@@ -303,7 +317,9 @@ def stage_costs(model: Model, hw: Hardware, bounds: list[int], b: int, t: int = 
     for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         n, first, last = hi - lo, s == 0, s == len(bounds) - 2
         times = [n * x for x in block]
-        acts, params, work = n * per_layer, n * model.layer_params / t, n * flops
+        norms = 2 * model.norm_params  # replicated on every tensor-parallel rank
+        params = n * ((model.layer_params - norms) / t + norms)
+        acts, work = n * per_layer, n * flops
         if first:
             acts += embedding_activation_bytes(model, b, t, sp)
             params += model.embedding_params / t
@@ -312,7 +328,7 @@ def stage_costs(model: Model, hw: Hardware, bounds: list[int], b: int, t: int = 
             acts += output_activation_bytes(model, b, t)
             if not (model.tied and first):
                 params += model.embedding_params / t
-            params += model.hidden * (2 if model.norm == "layernorm" else 1)
+            params += model.norm_params
             work += sum(output_flops(model, b))
         out.append(StageCost(lo, n, first, last, *times, acts, params, work, n * redo))
     return out
@@ -323,14 +339,14 @@ def stage_costs(model: Model, hw: Hardware, bounds: list[int], b: int, t: int = 
 MODELS = {
     # Llama 2 7B (Touvron et al. 2023, Table 1 and the released config)
     "llama-7b": Model("llama-7b", 32, 4096, 32, 4096, 32000, ffn=11008, gated=True, flash=True,
-                      norm="rmsnorm"),
+                      norm="rmsnorm", dropout=False),
     # Llama 3 8B, 70B and 405B (Llama 3 paper, Table 3)
     "llama3-8b": Model("llama3-8b", 32, 4096, 32, 8192, 128256, ffn=14336, kv_heads=8,
-                       gated=True, flash=True, norm="rmsnorm"),
+                       gated=True, flash=True, norm="rmsnorm", dropout=False),
     "llama3-70b": Model("llama3-70b", 80, 8192, 64, 8192, 128256, ffn=28672, kv_heads=8,
-                        gated=True, flash=True, norm="rmsnorm"),
+                        gated=True, flash=True, norm="rmsnorm", dropout=False),
     "llama3-405b": Model("llama3-405b", 126, 16384, 128, 8192, 128256, ffn=53248, kv_heads=8,
-                         gated=True, flash=True, norm="rmsnorm"),
+                         gated=True, flash=True, norm="rmsnorm", dropout=False),
     # GPT-3 175B (Brown et al. 2020) as in Megatron-LM's papers (embedding tied to the output)
     "gpt3-175b": Model("gpt3-175b", 96, 12288, 96, 2048, 51200, tied=True),
 }

@@ -51,13 +51,17 @@ class Config:
     schedule: str = "1f1b"
     v: int = 1
     recompute: str = "none"
-    zero: bool = False  # optimizer state sharded over dp (Megatron's distributed optimizer)
+    zero: int = 0  # 1 (or True): optimizer state sharded over dp (Megatron's distributed
+    # optimizer, ZeRO-1); 2: the fp32 gradients too (ZeRO-2); see state_bytes_per_param
     bounds: tuple[int, ...] | None = None  # blocks per stage as boundaries; None: equal counts
 
     def __str__(self) -> str:
         sched = f"{self.schedule} v={self.v}" if self.schedule == "interleaved" else self.schedule
         return (f"t={self.t} p={self.p} dp={self.dp} b={self.b} m={self.m} {sched} "
-                f"recompute={self.recompute}{' zero' if self.zero else ''}")
+                f"recompute={self.recompute}{self._zero()}")
+
+    def _zero(self) -> str:
+        return "" if not self.zero else " zero" if int(self.zero) == 1 else f" zero{int(self.zero)}"
 
 
 @dataclass
