@@ -62,7 +62,11 @@ GPT3 = MODELS["gpt3-175b"]
 A100 = HARDWARE["a100-80gb"]
 
 # [N21] Table 1, one row per model: (billions, heads, hidden, layers, t, p, v, micro-batch b,
-# GPUs, global batch, achieved TFLOP/s per GPU, % of the 312 TFLOP/s peak).
+# GPUs, global batch, achieved TFLOP/s per GPU, % of the 312 TFLOP/s peak). Every figure
+# checked against https://github.com/NVIDIA/Megatron-LM/blob/50a4b5fa0280a160cc1b03a1c15faddb
+# c1b1da9a/images/cases_april2021.png (the table) and https://github.com/NVIDIA/Megatron-LM/
+# blob/6985e58938d40ad91ac07b0fddcfad8132e1447e/examples/sc21/run_table_1.sh (heads, t, p, b,
+# virtual stages: the configurations as run).
 # v = layers / (p · layers per virtual stage) where run_table_1.sh sets
 # --num-layers-per-virtual-pipeline-stage (the interleaved schedule), else 1 (1F1B).
 N21_TABLE_1 = [
