@@ -9,7 +9,9 @@ For ``interleaved`` the costs are still per rank: each of the ``v`` chunks costs
 ``t_b/v``, ``t_w/v`` (the model is cut into ``p·v`` equal stages). Simulate it with
 ``simulate(schedule, t_f / v, t_b / v, t_w / v)`` to compare. The same holds for the two
 V-shape schedules ``zb-v`` and ``dualpipev`` (``v = 2``: simulate with ``t / 2``), whose
-memory figures count (chunk, micro-batch) stashes, each half a rank's layers.
+memory figures count (chunk, micro-batch) stashes, each half a rank's layers. ``dualpipe``
+is the exception: each of its two chunks is a whole stage (``1/p`` of the model, held twice),
+so its costs are per stage and chunk: simulate it with ``t_f``, ``t_b``, ``t_w`` as given.
 
 The tests check each formula against :func:`~minipipe.simulate.simulate`; where the two
 differ (ZB-H1 with ``m < p`` or ``t_w > min(t_f, t_b)``), the docstring says so.
@@ -26,7 +28,8 @@ __all__ = [
     "ideal_time", "messages", "peak_inflight", "peak_pending_w", "step_time", "utilization",
 ]
 
-_NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev"}
+_NAMES = {"naive", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev",
+          "dualpipe"}
 
 
 def _name(schedule_name: str) -> str:
@@ -71,6 +74,11 @@ def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: f
       ``(PP/2 − 1)(F&B + B − 3W)`` with ``PP = 2p`` stages and ``B`` a whole backward: with
       ``F&B = F + B`` (no overlap) that is ``(p − 1)(t_f + 2t_b − t_w)/2``, ``(p − 1)·t_b/2``
       more than the simulator finds for these orders: it bounds the bubble from above.
+    - ``dualpipe`` (bidirectional; each chunk a whole stage, costs per chunk, ``m`` micro-batches
+      in all, ``m/2`` per direction): ``m(t_f + t_b + t_w) + (p/2 − 1)(t_f + t_b − t_w)``,
+      exact under the same condition as ``dualpipev`` (``m >= 2p``): it is DualPipeV's order
+      for ``p/2`` ranks and ``m/2`` micro-batches per direction. DeepSeek's
+      ``(p/2 − 1)(F&B + B − 3W)`` is ``(p/2 − 1)·t_b`` more (F&B run one after the other).
 
     Args:
         schedule_name: ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
@@ -94,6 +102,8 @@ def step_time(schedule_name: str, p: int, m: int, t_f: float, t_b: float, t_w: f
         return m * work + (p - 1) * t_f
     if name in ("zb-v", "dualpipev"):
         return m * work + (p - 1) * (t_f + t_b - t_w) / 2
+    if name == "dualpipe":
+        return m * work + (p // 2 - 1) * (t_f + t_b - t_w)
     return (m + p - 1) * (t_f + t_b) + max(1, m - p + 1) * t_w  # zb-h1
 
 
@@ -156,6 +166,8 @@ def peak_inflight(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
       is also its :func:`peak_pending_w`); ``2p`` is ``p`` micro-batches' worth, 1F1B's peak.
     - ``dualpipev``: ``2p + 1`` chunk stashes on every rank (``m >= 2p``), DeepSeek's
       "PP + 1" with ``PP = 2p`` stages.
+    - ``dualpipe``: ``p + 1`` stage stashes on every rank (``m >= 2p``), DeepSeek's "PP + 1";
+      each stash is one stage's (1F1B's unit), so one more than 1F1B's first rank.
 
     For the split-backward schedules see also :func:`peak_pending_w`.
     """
@@ -166,6 +178,8 @@ def peak_inflight(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
         return [min(2 * p, m + 1 + r, 2 * m) for r in range(p)]
     if name == "dualpipev":
         return [2 * p + 1] * p
+    if name == "dualpipe":
+        return [p + 1] * p
     if name == "naive":
         return [1] * p
     if name == "gpipe":
@@ -183,7 +197,7 @@ def peak_pending_w(schedule_name: str, p: int, m: int, v: int = 1) -> list[int]:
 
     The activation memory of a split-backward schedule (W needs the stage input):
     ``min(p, m)`` on every rank for ``zb-h1``, 1F1B's first-stage peak; ``min(2p − 1, m)`` on
-    every rank for ``zb-h2``, about twice that; for ``zb-v`` and ``dualpipev``, and for the
+    every rank for ``zb-h2``, about twice that; for ``zb-v``, ``dualpipev``, ``dualpipe`` and the
     schedules without W, this is :func:`peak_inflight`.
     """
     if _name(schedule_name) == "zb-h1":
@@ -203,7 +217,7 @@ def activation_memory_ratio_interleaved(p: int, v: int) -> float:
 
 
 def messages(p: int, m: int, v: int = 1,
-             placement: str | Sequence[tuple[int, int]] = "loop") -> int:
+             placement: str | Sequence[tuple[int, int]] = "loop", pipelines: int = 1) -> int:
     """Point-to-point messages per step: ``2·(p·v − 1)·m`` placed as a loop (0 when ``p = 1``).
 
     Each of the ``p·v − 1`` stage boundaries carries one activation forward and one gradient
@@ -211,7 +225,10 @@ def messages(p: int, m: int, v: int = 1,
     ranks: ``(p·v − 1)/(p − 1)`` times 1F1B's for interleaved (at least ``v``; 3× at
     ``p = v = 2``). The V placement keeps the ``v − 1`` turns of the V on one rank (stage
     ``p − 1`` hands over to stage ``p`` in memory): ``2·v·(p − 1)·m``. Any other placement: two messages per micro-batch per boundary whose
-    two stages sit on different ranks.
+    two stages sit on different ranks. With ``pipelines`` groups (DualPipe: 2) no message
+    crosses from one group to the next and each boundary carries ``m / pipelines``
+    micro-batches: DualPipe sends ``2·(p − 1)·m``, as many as 1F1B.
     """
-    place = make_placement(placement, p, v)
-    return 2 * m * sum(place[s][0] != place[s + 1][0] for s in range(p * v - 1))
+    place, per = make_placement(placement, p, v), p * v // pipelines
+    return 2 * (m // pipelines) * sum(place[s][0] != place[s + 1][0] and (s + 1) % per > 0
+                                      for s in range(p * v - 1))

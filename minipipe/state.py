@@ -107,9 +107,10 @@ def optimizer_name(optimizer: str | Callable, params: Iterable[nn.Parameter]) ->
 def save_meta(model: nn.Sequential, schedule: Schedule, bounds: list[int], dp: int, step: int,
               optimizer: str | Callable) -> dict[str, Any]:
     """What every rank's file records about the run (built once, by the caller)."""
-    return {"format": FORMAT, "run": uuid.uuid4().hex, "step": step, "dp": dp,
-            "schedule": {"name": schedule.name, "p": schedule.p, "m": schedule.m, "v": schedule.v,
-                         "placement": [list(rc) for rc in schedule.placement]},
+    sched = {"name": schedule.name, "p": schedule.p, "m": schedule.m, "v": schedule.v,
+             "placement": [list(rc) for rc in schedule.placement],  # DualPipe: pipelines 2
+             **({"pipelines": schedule.pipelines} if schedule.pipelines > 1 else {})}
+    return {"format": FORMAT, "run": uuid.uuid4().hex, "step": step, "dp": dp, "schedule": sched,
             "bounds": list(bounds), "world_size": dp * schedule.p,
             "optimizer": optimizer_name(optimizer, model.parameters()), **layout(model)}
 
@@ -121,17 +122,20 @@ def _cpu(value: Any) -> Any:
 def save_rank(worker: Any, directory: str, meta: dict[str, Any]) -> str:
     """Write this rank's parameters, buffers and optimizer state by name; returns the path.
 
-    ``worker`` is the rank's :class:`~minipipe.runtime.stage.StageWorker`.
+    ``worker`` is the rank's :class:`~minipipe.runtime.stage.StageWorker`. Only pipeline 0's
+    stages are saved (DualPipe's pipeline 1 holds replicas: the same layers and weights).
     """
-    params = {n: _cpu(q) for n, q in worker.params.items()}
+    stages = [worker.sched.stage(worker.rank, c) for c in worker.chunks]
+    kept = [c for c, s in zip(worker.chunks, stages) if worker.sched.group_of_stage(s) == 0]
+    ids = {id(q) for c in kept for q in worker.chunks[c].parameters()}
+    saved = {n: q for n, q in worker.params.items() if id(q) in ids}
+    params = {n: _cpu(q) for n, q in saved.items()}
     optim = {n: {k: _cpu(v) for k, v in worker.opt.state[q].items()}
-             for n, q in worker.params.items() if worker.opt and worker.opt.state.get(q)}
-    buffers, stages = {}, []
-    for c, chunk in worker.chunks.items():
-        s = worker.sched.stage(worker.rank, c)
-        stages.append(s)
-        first = worker.job.bounds[s]
-        for j, layer in enumerate(chunk):
+             for n, q in saved.items() if worker.opt and worker.opt.state.get(q)}
+    buffers = {}
+    for c in kept:
+        first = worker.job.bounds[worker.sched.model_stage(stages[c])]
+        for j, layer in enumerate(worker.chunks[c]):
             for key, t in layer.state_dict().items():
                 if f"{first + j}.{key}" not in meta["aliases"]:
                     buffers[f"{first + j}.{key}"] = _cpu(t)

@@ -79,10 +79,10 @@ def _messages(schedule: Schedule, rank: int, a: Action) -> tuple[tuple[Message, 
     The neighbouring stage's rank comes from the schedule's placement; a neighbour on the same
     rank is handed the tensor in memory (no message).
     """
-    last, place = schedule.num_stages - 1, schedule.placement
+    place = schedule.placement
     s = schedule.stage(rank, a.chunk)
-    before = place[s - 1][0] if s > 0 else rank  # rank of stage s - 1 (this one: no message)
-    after = place[s + 1][0] if s < last else rank
+    before = rank if schedule.is_first(s) else place[s - 1][0]  # this rank: no message
+    after = rank if schedule.is_last(s) else place[s + 1][0]
     recvs: list[Message] = []
     sends: list[Message] = []
     if a.kind is Kind.F:
@@ -112,8 +112,8 @@ def comm_plan(schedule: Schedule) -> list[list[Step]]:
 
 def messages_per_step(schedule: Schedule) -> int:
     """Point-to-point messages of one step: an activation and a gradient per micro-batch on
-    every stage boundary that crosses ranks."""
-    return 2 * schedule.m * len(crossing_edges(schedule))
+    every stage boundary that crosses ranks (each travelled by ``m / pipelines`` of them)."""
+    return 2 * schedule.group_mbs * len(crossing_edges(schedule))
 
 
 def format_orders(schedule: Schedule, marks: dict[int, int] | None = None) -> str:
@@ -144,7 +144,14 @@ def _check_complete(schedule: Schedule, m: int, v: int) -> None:
                     schedule, r, a, {r: k})
             seen[a] = k
         for c in range(v):
-            for i in range(m):
+            visits = schedule.mbs_of_stage(schedule.stage(r, c)) if m == schedule.m else range(m)
+            for a, k in seen.items():
+                if a.chunk == c and a.mb not in visits:
+                    raise ScheduleError(
+                        f"rank {r} runs {a.describe()}, but micro-batch {a.mb} travels pipeline "
+                        f"{schedule.group_of(a.mb)}, not chunk {c}'s (micro-batches "
+                        f"{visits.start}..{visits.stop - 1})", schedule, r, a, {r: k})
+            for i in visits:
                 for kind in kinds:
                     a = Action(kind, i, c)
                     if a not in seen:
@@ -161,15 +168,15 @@ def _check_complete(schedule: Schedule, m: int, v: int) -> None:
 
 def _check_local_deps(schedule: Schedule) -> None:
     """Neighbouring stages on the same rank: the tensor handed over must exist already."""
-    last, place = schedule.num_stages - 1, schedule.placement
+    place = schedule.placement
     for r, order in enumerate(schedule.ranks):
         pos = {a: k for k, a in enumerate(order)}
         for a, k in pos.items():
             s = schedule.stage(r, a.chunk)
             dep = None
-            if a.kind is Kind.F and s > 0 and place[s - 1][0] == r:
+            if a.kind is Kind.F and not schedule.is_first(s) and place[s - 1][0] == r:
                 dep = Action(Kind.F, a.mb, place[s - 1][1])
-            if a.kind is Kind.B and s < last and place[s + 1][0] == r:
+            if a.kind is Kind.B and not schedule.is_last(s) and place[s + 1][0] == r:
                 dep = Action(Kind.B, a.mb, place[s + 1][1])
             if dep is not None and pos[dep] > k:
                 raise ScheduleError(

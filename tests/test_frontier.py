@@ -223,8 +223,8 @@ def test_placement_diagram_and_the_comparison_with_the_optimum():
 
 # ------------------------------------------------------------------------------ real ranks
 
-REAL = [("zb-h2", 2, 5), ("zb-v", 2, 4), ("dualpipev", 2, 4),
-        ("zb-h2", 4, 8), ("zb-v", 4, 8), ("dualpipev", 4, 8)]
+REAL = [("zb-h2", 2, 5), ("zb-v", 2, 4), ("dualpipev", 2, 4), ("dualpipe", 2, 4),
+        ("zb-h2", 4, 8), ("zb-v", 4, 8), ("dualpipev", 4, 8), ("dualpipe", 4, 8)]
 REAL = [pytest.param(*c, id=f"{c[0]}-p{c[1]}-m{c[2]}") for c in REAL]
 
 
@@ -251,7 +251,8 @@ def test_new_schedules_match_single_process_training_and_their_memory(make_case,
     for r in range(p):
         trace = [(label, live) for label, live, _ in result.activation_trace(r)]
         assert trace == result.predicted_activation_trace(r)
-    assert result.messages == formulas.messages(p, m, schedule.v, schedule.placement_name)
+    assert result.messages == formulas.messages(p, m, schedule.v, schedule.placement_name,
+                                                schedule.pipelines)
     held = simulate(schedule, 1, 1, 1).peak_pending_w
     assert held == formulas.peak_pending_w(name, p, m)
     per = result.activation_bytes_per_mb

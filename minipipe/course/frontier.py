@@ -4,14 +4,16 @@
 - :func:`compare_to_optimum`: for 1F1B, ZB-H1, ZB-H2, ZB-V and DualPipeV, the simulated step
   and peak memory, next to the fastest schedule the solver finds under the same memory.
 - :func:`optimum_curve`: the optimal step for each memory limit (what memory buys).
-- :func:`frontier_explorer`: the two above behind sliders (an :class:`Explorer`).
+- :func:`frontier_explorer`: the two above behind sliders (an :class:`Explorer`), with
+  DualPipe (bidirectional, two pipelines: outside the search) as one more point.
 - :func:`torch_orders`: each rank's order from torch's ``ScheduleZBVZeroBubble`` or
   ``ScheduleDualPipeV``, written in minipipe's actions, to compare with ours.
 
 Costs are per rank's share of the model, in units of ``t_f``: ``t_b`` the whole backward and
 ``t_w`` the part of it that a split-backward schedule defers as ``W`` (as in the explorers of
 :mod:`minipipe.course.widgets`); a V-placement chunk costs half. Memory is in micro-batches
-of a rank's share (a V chunk stash counts one half).
+of a rank's share (a V chunk stash counts one half; DualPipe's chunks are whole stages of
+two pipelines, each a whole share, and its parameters are held twice).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ _COLOURS = {"1f1b": "#4c72b0", "zb-h1": "#dd8452", "zb-h2": "#55a868", "zb-v": "
             "dualpipev": "#8172b3"}
 
 
-def placement_diagram(p: int, placement: str = "v", v: int = 2, ax: Any = None) -> Any:
-    """Ranks as rows, chunks as columns; each box is a stage; arrows follow one micro-batch.
+def placement_diagram(p: int, placement: str = "v", v: int = 2, ax: Any = None,
+                      pipelines: int = 1) -> Any:
+    """Ranks as rows, chunks as columns; each box is a stage; arrows follow one micro-batch
+    (with ``pipelines = 2``, DualPipe: one micro-batch of each direction, red and blue).
 
     Returns:
         The matplotlib axes.
@@ -47,10 +51,16 @@ def placement_diagram(p: int, placement: str = "v", v: int = 2, ax: Any = None) 
         ax = fig.add_subplot()
     where = make_placement(placement, p, v)
     xy = [(1.6 * c, -0.8 * r) for r, c in where]
+    per = p * v // pipelines  # stages of one pipeline
     for s, (x, y) in enumerate(xy):
-        ax.add_patch(_box(x, y, s, where[s][0] == where[0][0]))
-        ax.text(x, y, f"stage {s}", ha="center", va="center", fontsize=8)
-    for (xa, ya), (xb, yb) in zip(xy, xy[1:]):  # from box edge to box edge
+        red = where[s][0] == where[0][0] if pipelines == 1 else s < per
+        ax.add_patch(_box(x, y, s, red))
+        name = f"stage {s}" if pipelines == 1 else f"stage {s}\n(= {s % per})" if s >= per \
+            else f"stage {s}"
+        ax.text(x, y, name, ha="center", va="center", fontsize=8 if s < per else 7)
+    for s, ((xa, ya), (xb, yb)) in enumerate(zip(xy, xy[1:])):  # from box edge to box edge
+        if (s + 1) % per == 0:
+            continue  # the next stage starts another pipeline: no message
         dx, dy = xb - xa, yb - ya
         t = min(0.58 / abs(dx) if dx else 1.0, 0.28 / abs(dy) if dy else 1.0)
         ax.annotate("", (xb - t * dx, yb - t * dy), (xa + t * dx, ya + t * dy),
@@ -61,7 +71,8 @@ def placement_diagram(p: int, placement: str = "v", v: int = 2, ax: Any = None) 
     ax.set_ylim(-0.8 * (p - 1) - 0.5, 0.5)
     for side in ("top", "right", "left", "bottom"):
         ax.spines[side].set_visible(False)
-    ax.set_title(f"{placement} placement, p={p}, v={v}: a micro-batch's path", fontsize=9,
+    both = f", {pipelines} pipelines" if pipelines > 1 else ""
+    ax.set_title(f"{placement} placement, p={p}, v={v}{both}: a micro-batch's path", fontsize=9,
                  loc="left")
     return ax
 
@@ -75,13 +86,13 @@ def _box(x: float, y: float, stage: int, first_rank: bool):
 
 
 def _simulate(s: Schedule, t_b: float, t_w: float):
-    """Simulate on rank-share costs (``t_f = 1``); chunks cost ``1/v``."""
-    v, split = s.v, s.split_backward
+    """Simulate on rank-share costs (``t_f = 1``); chunks cost ``1/v`` (DualPipe's: 1)."""
+    v, split = s.v // s.pipelines, s.split_backward
     return simulate(s, 1 / v, (t_b - (t_w if split else 0)) / v, (t_w / v) if split else None)
 
 
 def _memory(s: Schedule, t_b: float, t_w: float) -> float:
-    return max(_simulate(s, t_b, t_w).peak_pending_w) / s.v
+    return max(_simulate(s, t_b, t_w).peak_pending_w) / (s.v // s.pipelines)
 
 
 def compare_to_optimum(p: int, m: int, t_b: float = 2.0, t_w: float = 1.0,
@@ -158,14 +169,21 @@ def frontier_explorer(p: int = 3, m: int = 6, t_b: float = 2.0, t_w: float = 1.0
         for row in rows:
             ax.plot(row["memory"], row["step"], "o", color=_COLOURS[row["schedule"]],
                     label=row["schedule"])
+        out = {}
+        if p % 2 == 0 and m % 2 == 0 and m >= 2 * p:  # DualPipe: outside the search
+            dual = make_schedule("dualpipe", p, m)
+            step, memory = _simulate(dual, t_b, t_w).step_time, _memory(dual, t_b, t_w)
+            ax.plot(memory, step, "s", color="#937860", label="dualpipe (2× parameters)")
+            out["dualpipe"] = (f"step {step:g} at {memory:g} mb, parameters twice; the search "
+                               "does not place two pipelines")
         ax.axhline(m * (1 + t_b), color="#999999", ls=":", lw=1, label="no bubble: m(t_f + t_b)")
         ax.set_xlabel("peak activation memory per rank (micro-batches)")
         ax.set_ylabel("step time (t_f)")
         ax.legend(fontsize=7, frameon=False, loc="upper right")
         ax.set_title(f"p={p} m={m} t_b={t_b:g} t_w={t_w:g} (simulated)", fontsize=9, loc="left")
-        return {r["schedule"]: f"step {r['step']:g} at {r['memory']:g} mb; optimum there "
-                               f"{r['optimum']:g} ({100 * r['gap']:.0f}% slower)"
-                for r in rows}
+        return {**{r["schedule"]: f"step {r['step']:g} at {r['memory']:g} mb; optimum there "
+                                  f"{r['optimum']:g} ({100 * r['gap']:.0f}% slower)"
+                   for r in rows}, **out}
 
     return Explorer(controls, draw, title="against the optimum (simulated)", figsize=(7.0, 3.2))
 

@@ -207,8 +207,14 @@ def _float(description: str, value: float, lo: float, hi: float,
                                style=_STYLE, continuous_update=False)
 
 
-_SPLIT = {"zb-h1", "zb-h2", "zb-v", "dualpipev"}  # backward split into B and W
-_V_SHAPE = {"zb-v", "dualpipev"}  # two chunks per rank on the V placement
+_SPLIT = {"zb-h1", "zb-h2", "zb-v", "dualpipev", "dualpipe"}  # backward split into B and W
+_V_SHAPE = {"zb-v", "dualpipev", "dualpipe"}  # two chunks per rank on the V placement
+
+
+def _share(name: str, v: int) -> int:
+    """A rank's share over one chunk's: ``v``, but 1 for DualPipe, whose two chunks are whole
+    stages of two pipelines (each micro-batch visits one of them)."""
+    return 1 if name == "dualpipe" else v
 
 
 def _chunks(name: str, v: int) -> int:
@@ -221,11 +227,11 @@ def _costs(name: str, p: int, v: int, t_b: float, t_w: float, slow: int, factor:
 
     ``t_b`` is the whole backward (COURSE notation); for the split-backward schedules (zb-h1,
     zb-h2, zb-v, dualpipev) ``t_w`` of it is the W part, so B costs ``t_b − t_w``. Chunks
-    (interleaved, V shapes) cost ``1/v`` of a rank's share each.
+    (interleaved, V shapes) cost ``1/v`` of a rank's share each (DualPipe's: a whole share).
     """
-    stages = p * v
+    stages, div = p * v, _share(name, v)
     split = t_w if name in _SPLIT else 0.0
-    base = [1.0 / v, (t_b - split) / v, split / v]
+    base = [1.0 / div, (t_b - split) / div, split / div]
     return [[c * (factor if s == slow else 1.0) for s in range(stages)] for c in base]
 
 
@@ -247,7 +253,10 @@ def _formula_figures(sched, name: str, t_b: float, t_w: float) -> dict[str, Any]
     else:
         out["formula: 1 − utilization"] = 1 - formulas.utilization(name, p, m, 1.0, b_in, t_w, v)
     out["formula: peak in-flight"] = formulas.peak_inflight(name, p, m, v)
-    if sched.placement_name == "v":
+    if sched.pipelines > 1:
+        out["formula: 2(p−1)·m (two pipelines of m/2)"] = formulas.messages(
+            p, m, v, "v", sched.pipelines)
+    elif sched.placement_name == "v":
         out["formula: 2·v·(p−1)·m (V: the turns stay on one rank)"] = formulas.messages(
             p, m, v, "v")
     else:
@@ -266,8 +275,9 @@ def schedule_explorer(schedule: str = "gpipe", p: int = 4, m: int = 8, v: int = 
     Times are in units of ``t_f``. ``t_b`` is the whole backward; for the split-backward
     schedules (``zb-h1``, ``zb-h2``, ``zb-v``, ``dualpipev``) its part ``t_w`` is the deferred
     weight gradient W (so B costs ``t_b − t_w``). ``zb-v`` and ``dualpipev`` run two chunks per
-    rank on the V placement (the panel lists each rank's stages). An invalid setting
-    (interleaved with ``m % p != 0``, dualpipev with ``m < 2p``) shows the error text.
+    rank on the V placement (the panel lists each rank's stages); ``dualpipe`` too, one stage
+    of each direction, each a whole rank's share. An invalid setting (interleaved with
+    ``m % p != 0``, dualpipev with ``m < 2p``, dualpipe with an odd p) shows the error text.
 
     Returns:
         An :class:`Explorer` with controls ``schedule, p, m, v, t_b, t_w, slow_stage,
@@ -341,7 +351,8 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
     Bars: the most micro-batches whose activations a rank holds at once (forward done,
     backward — for the split-backward schedules, its W — not yet). For ``interleaved`` and the
     V shapes (``zb-v``, ``dualpipev``: two chunks) a rank holds (chunk, micro-batch) pairs,
-    each ``1/v`` of its layers; the bars count them in micro-batch units (pairs ÷ ``v``) so
+    each ``1/v`` of its layers (``dualpipe``: each a whole share, 2× parameters); the bars
+    count them in micro-batch units (pairs ÷ ``v``, ÷ 1 for ``dualpipe``) so
     all schedules compare on one axis, and the panel gives the raw pairs too. The dashed
     line is GPipe's ``m``. With ``bytes_per_mb`` (activation bytes one micro-batch leaves on
     one rank's share of the model, e.g. ``RunResult.activation_bytes_per_mb``) a right axis
@@ -352,7 +363,7 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
     """
     controls = {
         "schedule": widgets.Dropdown(options=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2",
-                                              "zb-v", "dualpipev"], value=schedule,
+                                              "zb-v", "dualpipev", "dualpipe"], value=schedule,
                                      description="schedule", style=_STYLE),
         "p": _int("p (ranks)", p, 1, 64),
         "m": _int("m (micro-batches)", m, 1, 1024),
@@ -371,10 +382,11 @@ def memory_explorer(schedule: str = "1f1b", p: int = 4, m: int = 8, v: int = 2,
         v = _chunks(name, vals["v"])
         per_mb = vals["bytes_per_mb"]
         split = name in _SPLIT  # then a micro-batch is held until its W
-        tl = simulate(make_schedule(name, p, m, v), 1.0 / v, (1.0 if split else 2.0) / v,
-                      1.0 / v if split else None)
+        div = _share(name, v)
+        tl = simulate(make_schedule(name, p, m, v), 1.0 / div, (1.0 if split else 2.0) / div,
+                      1.0 / div if split else None)
         stashes = tl.peak_pending_w  # (chunk, micro-batch) pairs; peak_inflight without W
-        units = [s / v if v > 1 else s for s in stashes]  # micro-batches of a rank's share
+        units = [s / div for s in stashes]  # micro-batches of a rank's share
         ax = fig.add_subplot()
         ax.bar(range(p), units, color="#4c72b0", width=0.6, label=f"{name}: peak held")
         ax.axhline(m, color="#c44e52", ls="--", lw=1, label=f"GPipe: m = {m}")

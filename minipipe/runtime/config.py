@@ -93,15 +93,16 @@ def check_config(model: nn.Sequential | SpecModel, schedule: Schedule,
     dp = as_int("dp", dp)
     num_layers = len(model)
     data = data.sample() if isinstance(data, Loader) else list(data)
+    stages = schedule.group_stages  # the model's stages (DualPipe holds each twice)
     if bounds is None:
-        bounds = split_evenly(num_layers, schedule.num_stages)
+        bounds = split_evenly(num_layers, stages)
     if not data:
         raise ConfigError("data holds no batches: give one (inputs, targets) batch or a list")
     if not validate_schedule:
         return bounds
     validate(schedule)
-    if len(bounds) != schedule.num_stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers:
-        raise ConfigError(f"bounds must have {schedule.num_stages + 1} entries from 0 to "
+    if len(bounds) != stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers:
+        raise ConfigError(f"bounds must have {stages + 1} entries from 0 to "
                           f"{num_layers}, got {bounds}")
     if any(b >= e for b, e in zip(bounds, bounds[1:])):
         raise ConfigError(f"every stage needs at least one layer; bounds {bounds} leave one empty")

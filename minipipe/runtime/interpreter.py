@@ -74,27 +74,28 @@ def run_step(w: StageWorker, k: int, batch: Batch) -> dict[str, Any]:
         w.ctx.status(f"step {k}: running {a.label(sched.v > 1)}")
         start = time.perf_counter() - t0
         if a.kind is Kind.F:  # 2. compute
-            inp = _use(xs, a.mb) if s == 0 else _take(got, local, "activation", s - 1, a.mb)
-            if s > 0:  # a tensor or a structure of them; floating leaves get gradients
+            first, last = sched.is_first(s), sched.is_last(s)  # of a pipeline (DualPipe: two)
+            inp = _use(xs, a.mb) if first else _take(got, local, "activation", s - 1, a.mb)
+            if not first:  # a tensor or a structure of them; floating leaves get gradients
                 inp = as_stage_input(inp)
-            y = _use(ys, a.mb) if s == w.last else None
+            y = _use(ys, a.mb) if last else None
             shapes = (a.chunk, signature(inp), y is not None and signature(y))
             how = _how_backward(sched.split_backward, s, inp)  # when what it saves is freed
             with w.meter.record(a.chunk, a.mb, key=shapes, backward=how), w.autocast():
                 out = w.forward(a.chunk, s, inp)
-                if s == w.last:
+                if last:
                     weight = rows(y) / total  # this micro-batch's share of the batch
                     with w.meter.loss():
                         out = w.job.loss_fn(out, y).float() * weight
                     losses.append(out.detach())
-            if s != w.last:  # stages the caller's trial forward could not run are checked here
+            if not last:  # stages the caller's trial forward could not run are checked here
                 check_boundary(s, out, crosses=bool(step.sends))
             stash[(a.chunk, a.mb)] = (inp, out)
             w.meter.hold((inp, out))  # kept for the backward: a holder of their memory
             to_send = detach(out)
         elif a.kind is Kind.B:
             inp, out = stash.pop((a.chunk, a.mb))
-            grad = None if s == w.last else _take(got, local, "gradient", s + 1, a.mb)
+            grad = None if sched.is_last(s) else _take(got, local, "gradient", s + 1, a.mb)
             to_send = _backward(w, a, s, inp, out, grad, wait_w)
         else:  # W: weight gradient of a split backward
             backward_weight(wait_w.pop((a.chunk, a.mb)))
@@ -118,7 +119,8 @@ def _backward(w: StageWorker, a: Action, s: int, inp: Any, out: Any, grad: list 
     outs = [out] if grad is None else differentiable(out)
     pairs = [(o, g) for o, g in zip(outs, grad or [None]) if o.requires_grad]
     outs, grads = [o for o, _ in pairs], None if grad is None else [g for _, g in pairs]
-    ins = differentiable(inp) if s > 0 else []
+    first = w.sched.is_first(s)
+    ins = [] if first else differentiable(inp)
     if w.sched.split_backward:  # input gradient now, weight gradient at W
         g_in, wait_w[(a.chunk, a.mb)] = backward_input(outs, grads, ins or None,
                                                        w.chunk_params[a.chunk])
@@ -128,7 +130,7 @@ def _backward(w: StageWorker, a: Action, s: int, inp: Any, out: Any, grad: list 
                 torch.autograd.backward(outs, grads)
         g_in = [t.grad for t in ins]
         w.meter.release(a.chunk, a.mb)
-    if s == 0:
+    if first:
         return None
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(g_in, ins)]
 
@@ -167,7 +169,8 @@ def _shapes_changed(w: StageWorker, xs: list, ys: list) -> bool:
 def _batches(w: StageWorker) -> Iterator[Batch]:
     """This rank's data, step by step: it opens the loader only if it holds the first or
     the last stage, and keeps only the half it needs."""
-    first, last = 0 in w.stages, w.last in w.stages
+    first = any(map(w.sched.is_first, w.stages))
+    last = any(map(w.sched.is_last, w.stages))
     if not (first or last):
         return itertools.repeat((None, None), w.job.steps)
     feed = w.job.data.open(w.replica, w.job.dp, w.job.steps)
@@ -200,8 +203,7 @@ def _hand_over(w: StageWorker, a: Action, s: int, tensor: torch.Tensor | None, l
     """Keep a result for the next stage when that stage runs on this rank (no message)."""
     if tensor is None or sent or a.kind is Kind.W:
         return
-    nxt = s + 1 if a.kind is Kind.F else s - 1
-    if 0 <= nxt <= w.last:
+    if not (w.sched.is_last(s) if a.kind is Kind.F else w.sched.is_first(s)):
         local[("activation" if a.kind is Kind.F else "gradient", s, a.mb)] = tensor
 
 

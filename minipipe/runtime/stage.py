@@ -44,7 +44,7 @@ class StageWorker:
         self.chunk_params: dict[int, list[nn.Parameter]] = {}  # for the split backward
         self.params: dict[str, nn.Parameter] = {}
         for c, s in enumerate(self.stages):
-            part = [built[i] for i in range(job.bounds[s], job.bounds[s + 1])]
+            part = [built[i] for i in self.layers(s)]
             self.chunks[c] = nn.Sequential(*part).to(ctx.device)
             self.chunk_params[c] = [q for q in self.chunks[c].parameters() if q.requires_grad]
             for layer in part:
@@ -86,7 +86,7 @@ class StageWorker:
 
     def _build(self) -> tuple[dict[int, nn.Module], dict[int, str]]:
         """This rank's layers by index, and ``id(parameter) -> name`` for them."""
-        mine = [i for s in self.stages for i in range(self.job.bounds[s], self.job.bounds[s + 1])]
+        mine = [i for s in self.stages for i in self.layers(s)]
         model = self.job.model
         if isinstance(model, SpecModel):  # materialise only this rank's layers
             built = model.build(mine)
@@ -94,32 +94,51 @@ class StageWorker:
         layers = list(model)  # an nn.Sequential: every rank was sent all of it
         return {i: layers[i] for i in mine}, param_names(layers)
 
+    def layers(self, stage: int) -> range:
+        """The model's layers that ``stage`` holds (a replica's: those of its model stage)."""
+        k = self.sched.model_stage(stage)
+        return range(self.job.bounds[k], self.job.bounds[k + 1])
+
     def _holders(self) -> dict[str, set[int]]:
-        """Stages holding each tied parameter (names held by a single layer left out)."""
-        model, bounds = self.job.model, self.job.bounds
-        stage_of = {i: s for s in range(self.last + 1) for i in range(bounds[s], bounds[s + 1])}
+        """Stages holding each parameter held by several (tied layers, or the replicas of
+        ``pipelines > 1``); the others are left out."""
+        model = self.job.model
+        stage_of: dict[int, set[int]] = defaultdict(set)
+        for s in range(self.last + 1):
+            for i in self.layers(s):
+                stage_of[i].add(s)
         if isinstance(model, SpecModel):
-            return {n: {stage_of[i] for i in users} for n, users in model.tied().items()}
+            users = model.tied()
+            if self.sched.pipelines > 1:  # every layer is held twice: name all (shapes only)
+                meta = model.build(range(len(model)), device="meta")
+                names = model.names(meta)
+                for i, layer in meta.items():
+                    for prm in layer.parameters():
+                        users.setdefault(names[id(prm)], [i])
+            return {n: set().union(*(stage_of[i] for i in us)) for n, us in users.items()}
         layers = list(model)
         names = param_names(layers)
         holders: dict[str, set[int]] = defaultdict(set)
         for i, layer in enumerate(layers):
             for prm in layer.parameters():
-                holders[names[id(prm)]].add(stage_of[i])
+                holders[names[id(prm)]].update(stage_of[i])
         return holders
 
     def _tie_groups(self) -> dict[str, tuple]:
         """One process group per tied parameter held by several ranks (same order everywhere);
         its source is the rank holding the parameter's first stage."""
         p = self.sched.p
-        groups = {}
+        groups, made = {}, {}  # one group per set of ranks (DualPipe: a pair per stage)
         for name, stages in sorted(self._holders().items()):
             holders = {self.sched.place(s)[0] for s in stages}
             if len(holders) < 2:
                 continue
             first = self.sched.place(min(stages))[0]
             for d in range(self.job.dp):  # every process creates every group, in one order
-                group = dist.new_group(sorted(d * p + r for r in holders))
+                ranks = tuple(sorted(d * p + r for r in holders))
+                if ranks not in made:
+                    made[ranks] = dist.new_group(list(ranks))
+                group = made[ranks]
                 if d == self.replica and name in self.params:
                     groups[name] = (group, d * p + first)
         return groups
@@ -174,14 +193,15 @@ class StageWorker:
             raise RuntimeError(f"stage {stage} failed on its input {signature(inp)}: "
                                f"{type(e).__name__}: {e}") from e
         dtype = _DTYPES.get(self.job.dtype)
-        if dtype is not None and stage < self.last:
+        if dtype is not None and not self.sched.is_last(stage):
             out = cast_floating(out, dtype)  # boundary tensors travel in the compute dtype
         return out
 
     def sync_grads(self) -> None:
-        """After the flush: sum tied copies' gradients, then the same stage's across replicas."""
+        """After the flush: sum tied copies' gradients (and always the two copies of a
+        DualPipe stage), then the same stage's across data-parallel replicas."""
         for name, (group, _) in self.tie_groups.items():  # tied copies: sum their gradients
-            if self.job.tie_sync:
+            if self.job.tie_sync or self.sched.pipelines > 1:
                 self._all_reduce(self.params[name], group)
         if self.dp_group is not None:  # data parallel: sum the same stage across replicas
             for prm in self.params.values():

@@ -7,6 +7,7 @@ import numbers
 from typing import Callable
 
 from .base import Action, B, F, Kind, Schedule, W, check_sizes, parse_actions
+from .dualpipe import dualpipe
 from .fill_drain import gpipe, naive
 from .interleaved import interleaved
 from .one_f_one_b import one_f_one_b
@@ -16,7 +17,7 @@ from .zero_bubble import zb_h1, zb_h2
 __all__ = [
     "Kind", "Action", "F", "B", "W", "Schedule", "parse_actions",
     "naive", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "zb_h2",
-    "zb_v", "dualpipev", "OverlapSchedule", "SCHEDULES", "make_schedule",
+    "zb_v", "dualpipev", "dualpipe", "OverlapSchedule", "SCHEDULES", "make_schedule",
 ]
 
 
@@ -29,6 +30,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zb-h2": zb_h2,
     "zb-v": zb_v,
     "dualpipev": dualpipev,
+    "dualpipe": dualpipe,
 }
 
 
@@ -37,9 +39,10 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
 
     Args:
         name: one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
-            ``zb-v``, ``dualpipev``.
+            ``zb-v``, ``dualpipev``, ``dualpipe``.
         p: ranks. m: micro-batches. v: chunks per rank (``interleaved`` only; default 2 there;
-            ``zb-v`` and ``dualpipev`` always have 2, on the V placement).
+            ``zb-v``, ``dualpipev`` and ``dualpipe`` always have 2, on the V placement;
+            ``dualpipe`` runs two pipelines, one per direction).
 
     Raises:
         ValueError: unknown name, or ``v > 1`` for a schedule without chunks.
@@ -55,7 +58,7 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     p, m, v = int(p), int(m), int(v)  # numpy integers too
     if key == "interleaved":
         return interleaved(p, m, v if v > 1 else 2)
-    if key in ("zb-v", "dualpipev"):
+    if key in ("zb-v", "dualpipev", "dualpipe"):
         if v not in (1, 2):
             raise ValueError(f"schedule {key!r} has two chunks per rank (V placement), not v={v}")
         return SCHEDULES[key](p, m)
