@@ -7,7 +7,8 @@ the run with the smallest sum of ``--repeat`` counting, CPU time (``time.process
 suffers less than the wall clock when other programs share the cores; the wall clock is shown
 too). The simulated
 step time is checked against :mod:`minipipe.formulas` where a closed form exists, so a fast
-but wrong simulator fails here. Costs: ``t_f = t_b = t_w = 1`` per rank (``1/v`` a chunk).
+but wrong simulator fails here. Costs: ``t_f = t_b = t_w = 1`` per rank and micro-batch
+(``1/v`` a chunk; DualPipe's chunks are whole stages of its two pipelines, so ``1`` each).
 
 Run::
 
@@ -50,7 +51,7 @@ def bench(name: str, p: int, m: int, repeat: int) -> dict:
         gc.collect()
         gen, gen_wall, schedule = timed(
             lambda: make_schedule(name, p, m, v) if v > 1 else make_schedule(name, p, m))
-        w = schedule.v
+        w = schedule.v / schedule.pipelines  # chunks of one micro-batch's path per rank
         val, val_wall, _ = timed(lambda: validate(schedule))  # noqa: B023
         sim, sim_wall, timeline = timed(lambda: simulate(schedule, 1 / w, 1 / w, 1 / w))  # noqa: B023
         run = (gen + val + sim, gen, val, sim, gen_wall + val_wall + sim_wall, schedule, timeline)
