@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from typing import Any
 
 TOLERANCE = 1e-4  # largest |gradient difference| --check accepts (float32 reassociation: ~1e-7)
@@ -70,14 +71,14 @@ def _check_writable(flag: str, path: str | None) -> None:
         raise ConfigError(f"{flag} {path} is a directory: give a file name")
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {path}: the folder {folder} does not exist")
-    existed = os.path.exists(path)
     try:  # the one sure test (permissions, read-only mounts, /proc): open it for writing
-        open(path, "a").close()
+        if os.path.exists(path):
+            open(path, "a").close()
+        else:  # a file of our own beside it: under torchrun every process checks at once
+            tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
         raise ConfigError(f"{flag} {path} cannot be written ({err.strerror}): give a path you "
                           "can write to") from None
-    if not existed:
-        os.unlink(path)
 
 
 def _mlp_step(batch: int, seed: int, k: int) -> tuple[Any, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -95,3 +96,23 @@ def test_standin_benchmark_quick_smoke():  # ~10 s on an idle 2-core machine
     for row in rows:  # measured and closed-form bubble of the step, in percent
         measured, formula = (float(x.rstrip("%")) for x in row[7:9])
         assert formula == 20.0 and 0 < measured < 100
+
+
+def test_output_check_is_safe_when_every_torchrun_process_makes_it_at_once(tmp_path):
+    """Under torchrun every process checks ``--json`` before starting: the check must not
+    create (and then remove) the file itself, or one process removes what another made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minipipe.__main__ import _check_writable
+    from minipipe.errors import ConfigError
+
+    path = str(tmp_path / "run.json")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: _check_writable("--json", path), range(200)))
+    assert not list(tmp_path.iterdir())  # nothing left behind
+    (tmp_path / "old.json").write_text("{}")
+    _check_writable("--json", str(tmp_path / "old.json"))
+    assert (tmp_path / "old.json").read_text() == "{}"  # an existing file is kept as it is
+    if os.path.isdir("/proc"):
+        with pytest.raises(ConfigError, match="cannot be written"):
+            _check_writable("--json", "/proc/run.json")
