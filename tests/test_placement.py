@@ -339,26 +339,24 @@ def test_compiled_event_loop_equals_its_python_source(s):
 # ---------------------------------------------------------------------------- fast generators
 
 
-def zb_h1_plain(p: int, m: int) -> Schedule:
-    """ZB-H1's rule played the plain way: every step, scan all ranks for the earliest start."""
-    todo = [list(order) for order in one_f_one_b(p, m).ranks]
+def fill_w_plain(todo: list[list[Action]], limit: list[int]) -> list[list[Action]]:
+    """The zero-bubble W rule played the plain way: every step, scan all ranks for the
+    earliest start (a deferred W when its rank would wait, has nothing else, or holds more
+    than ``limit[r]``)."""
+    p = len(todo)
     ranks: list[list[Action]] = [[] for _ in range(p)]
-    free, finish = [0] * p, {}
-    waiting_w: list[list[int]] = [[] for _ in range(p)]
-
-    def ready(r: int, a: Action) -> int | None:
-        if a.kind is Kind.F:
-            return 0 if r == 0 else finish.get((r - 1, a))
-        return 0 if r == p - 1 else finish.get((r + 1, a))
-
+    free, finish, waiting_w = [0] * p, {}, [[] for _ in range(p)]
     while any(todo) or any(waiting_w):
         best = None
         for r in range(p):
-            t = ready(r, todo[r][0]) if todo[r] else None
-            must_w = len(waiting_w[r]) > r or not todo[r]
-            if waiting_w[r] and (must_w or t is None or t > free[r]):
+            a = todo[r][0] if todo[r] else None
+            t = None if a is None else (
+                (0 if r == 0 else finish.get((r - 1, a))) if a.kind is Kind.F
+                else (0 if r == p - 1 else finish.get((r + 1, a))))
+            if waiting_w[r] and (len(waiting_w[r]) > limit[r] or a is None or t is None
+                                 or t > free[r]):
                 cand = (free[r], r, True)
-            elif todo[r] and t is not None:
+            elif a is not None and t is not None:
                 cand = (max(free[r], t), r, False)
             else:
                 continue
@@ -369,7 +367,13 @@ def zb_h1_plain(p: int, m: int) -> Schedule:
             waiting_w[r].append(a.mb)
         free[r] = finish[(r, a)] = start + 1
         ranks[r].append(a)
-    return Schedule(ranks, m=m, v=1, name="zb-h1")
+    return ranks
+
+
+def zb_h1_plain(p: int, m: int) -> Schedule:
+    """ZB-H1: 1F1B's F/B order, the W rule scanned plainly with at most ``r`` deferred."""
+    todo = [list(order) for order in one_f_one_b(p, m).ranks]
+    return Schedule(fill_w_plain(todo, list(range(p))), m=m, v=1, name="zb-h1")
 
 
 def test_zb_h1_heap_order_equals_the_plain_scan():
@@ -422,30 +426,7 @@ def zb_h2_plain(p: int, m: int) -> list[list[Action]]:
         for i in range(m - warmup):
             order += [Action(Kind.B, i), Action(Kind.F, warmup + i)]
         todo.append(order + [Action(Kind.B, i) for i in range(m - warmup, m)])
-    ranks: list[list[Action]] = [[] for _ in range(p)]
-    free, finish, waiting_w = [0] * p, {}, [[] for _ in range(p)]
-    while any(todo) or any(waiting_w):
-        best = None
-        for r in range(p):
-            a = todo[r][0] if todo[r] else None
-            t = None if a is None else (
-                (0 if r == 0 else finish.get((r - 1, a))) if a.kind is Kind.F
-                else (0 if r == p - 1 else finish.get((r + 1, a))))
-            if waiting_w[r] and (len(waiting_w[r]) > 2 * r or a is None or t is None
-                                 or t > free[r]):
-                cand = (free[r], r, True)
-            elif a is not None and t is not None:
-                cand = (max(free[r], t), r, False)
-            else:
-                continue
-            best = cand if best is None or cand < best else best
-        start, r, do_w = best
-        a = Action(Kind.W, waiting_w[r].pop(0)) if do_w else todo[r].pop(0)
-        if a.kind is Kind.B:
-            waiting_w[r].append(a.mb)
-        free[r] = finish[(r, a)] = start + 1
-        ranks[r].append(a)
-    return ranks
+    return fill_w_plain(todo, [2 * r for r in range(p)])
 
 
 def test_zb_h2_compiled_order_equals_the_plain_scan():
